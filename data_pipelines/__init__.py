@@ -1,0 +1,1 @@
+"""Shard building and dataset tools (run as `python -m data_pipelines.<tool>`)."""
