@@ -139,3 +139,68 @@ def cu_seqlens_from_lengths(row_doc_lengths: list[list[int]], seq_len: int) -> t
         if pos < start + seq_len:
             bounds.append(start + seq_len)
     return torch.tensor(bounds, dtype=torch.int32)
+
+
+@dataclass
+class Document:
+    """One tokenised sample before packing (all lists have the same length)."""
+
+    input_ids: list[int]
+    labels: list[int]  # already shifted: labels[i] is predicted from position i
+    loss_task: list[int]
+    gen_mask: list[bool]
+    und_mask: list[bool]
+    images: list[torch.Tensor] = field(default_factory=list)  # und pixels, in slot order
+    key: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def batch_from_rows(rows: list[list[Document]], seq_len: int, pad_id: int) -> PackedBatch:
+    """Lay documents end to end per row, pad, and build the PackedBatch fields."""
+    r = len(rows)
+    input_ids = torch.full((r, seq_len), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((r, seq_len), dtype=torch.long)
+    labels = torch.full((r, seq_len), IGNORE_INDEX, dtype=torch.long)
+    loss_task = torch.full((r, seq_len), NO_TASK, dtype=torch.long)
+    gen_mask = torch.zeros((r, seq_len), dtype=torch.bool)
+    und_mask = torch.zeros((r, seq_len), dtype=torch.bool)
+    images: list[torch.Tensor] = []
+    keys: list[list[str]] = []
+    lengths: list[list[int]] = []
+    for i, docs in enumerate(rows):
+        pos = 0
+        lengths.append([])
+        keys.append([])
+        for d in docs:
+            n = len(d)
+            if pos + n > seq_len:
+                raise ValueError(f"row {i}: documents need {pos + n} tokens > seq_len {seq_len}")
+            sl = slice(pos, pos + n)
+            input_ids[i, sl] = torch.tensor(d.input_ids)
+            position_ids[i, sl] = torch.arange(n)
+            labels[i, sl] = torch.tensor(d.labels)
+            loss_task[i, sl] = torch.tensor(d.loss_task)
+            gen_mask[i, sl] = torch.tensor(d.gen_mask, dtype=torch.bool)
+            und_mask[i, sl] = torch.tensor(d.und_mask, dtype=torch.bool)
+            images.extend(d.images)
+            lengths[-1].append(n)
+            keys[-1].append(d.key)
+            pos += n
+        if pos < seq_len:
+            position_ids[i, pos:] = torch.arange(seq_len - pos)
+    cu = cu_seqlens_from_lengths(lengths, seq_len)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        cu_seqlens=cu,
+        max_seqlen=max_len,
+        labels=labels,
+        loss_task=loss_task,
+        gen_input_mask=gen_mask,
+        und_image_mask=und_mask,
+        und_pixel_values=torch.stack(images) if images else None,
+        meta={"keys": keys},
+    )

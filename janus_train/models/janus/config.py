@@ -1,0 +1,252 @@
+"""Janus-Pro model configuration: sizes, presets, overrides, (de)serialisation.
+
+One dataclass per part (LLM, SigLIP vision tower, VQ tokenizer + generation pathway) nested
+in `JanusConfig`. Presets are plain functions of no arguments; any field can be overridden
+with a dotted key (`llm.num_layers=4`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ATTENTION_BACKENDS = ("sdpa", "eager", "flex", "flash")
+CHECKPOINTING_MODES = ("none", "full", "selective")
+
+
+@dataclass
+class LLMConfig:
+    """LLaMA-style decoder (DeepSeek-LLM): RMSNorm, RoPE, SwiGLU, no biases."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 16384
+    # Janus-Pro ships a separate lm_head; kept as an option for checkpoints that tie it.
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP ViT used for understanding (attention-pool head dropped) + its aligner MLP."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+    aligner_depth: int = 2
+
+
+@dataclass
+class VQConfig:
+    """LlamaGen VQ-16 tokenizer plus the generation embedding, aligner and head."""
+
+    codebook_size: int = 16384
+    code_dim: int = 8
+    base_channels: int = 128
+    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    latent_channels: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    # LlamaGen looks codes up by cosine similarity (both sides l2-normalised).
+    codebook_l2_norm: bool = True
+    gen_aligner_depth: int = 2
+    # Width of the gen head's hidden layer; None means the LLM hidden size.
+    gen_head_hidden: int | None = None
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+
+@dataclass
+class JanusConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    # How packed rows are attended; see janus_train/models/attention.py.
+    attention: str = "sdpa"
+    # Activation checkpointing of LLM blocks: none | full | selective.
+    activation_checkpointing: str = "none"
+    # With "selective": checkpoint every Nth layer (1 = every layer's attention only).
+    checkpoint_every: int = 2
+    # The tokenizer's <image_placeholder> id; only needed to write HF configs.
+    image_token_id: int | None = None
+    name: str = "custom"
+
+    @property
+    def num_image_tokens(self) -> int:
+        side = self.vision.image_size // self.vision.patch_size
+        return side * side
+
+    @property
+    def gen_image_size(self) -> int:
+        # Janus uses one image size for both pathways (384 px -> 24x24 patches and codes).
+        return self.vision.image_size
+
+    @property
+    def gen_grid(self) -> int:
+        return self.gen_image_size // self.vq.downsample
+
+    @property
+    def gen_head_hidden(self) -> int:
+        return self.vq.gen_head_hidden or self.llm.hidden_size
+
+    def validate(self) -> "JanusConfig":
+        """Raise ValueError naming the bad field; returns self for chaining."""
+        llm, vis, vq = self.llm, self.vision, self.vq
+        if llm.hidden_size % llm.num_heads:
+            raise ValueError(f"llm.hidden_size={llm.hidden_size} is not divisible by llm.num_heads={llm.num_heads}")
+        if llm.head_dim % 2:
+            raise ValueError(f"llm head_dim={llm.head_dim} must be even for RoPE")
+        if llm.num_heads % llm.num_kv_heads:
+            raise ValueError(f"llm.num_heads={llm.num_heads} is not divisible by llm.num_kv_heads={llm.num_kv_heads}")
+        if vis.hidden_size % vis.num_heads:
+            raise ValueError(f"vision.hidden_size={vis.hidden_size} is not divisible by vision.num_heads={vis.num_heads}")
+        if vis.image_size % vis.patch_size:
+            raise ValueError(f"vision.image_size={vis.image_size} is not divisible by vision.patch_size={vis.patch_size}")
+        if vq.downsample != vis.patch_size:
+            raise ValueError(
+                f"vq downsample factor 2**(len(vq.channel_multipliers)-1)={vq.downsample} must equal "
+                f"vision.patch_size={vis.patch_size} so both pathways see the same token grid"
+            )
+        for mult in vq.channel_multipliers:
+            if (vq.base_channels * mult) % 32:
+                raise ValueError(
+                    f"vq.base_channels*multiplier={vq.base_channels * mult} must be divisible by 32 (GroupNorm groups)"
+                )
+        if vq.latent_channels % 32:
+            raise ValueError(f"vq.latent_channels={vq.latent_channels} must be divisible by 32")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_BACKENDS}")
+        if self.activation_checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(
+                f"activation_checkpointing={self.activation_checkpointing!r} is not one of {CHECKPOINTING_MODES}"
+            )
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
+        return self
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["vq"]["channel_multipliers"] = list(self.vq.channel_multipliers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JanusConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown JanusConfig keys: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for sub_name, sub_cls in (("llm", LLMConfig), ("vision", VisionConfig), ("vq", VQConfig)):
+            sub = dict(d.pop(sub_name, {}) or {})
+            bad = set(sub) - {f.name for f in dataclasses.fields(sub_cls)}
+            if bad:
+                raise ValueError(f"unknown {sub_name} config keys: {sorted(bad)}")
+            if "channel_multipliers" in sub:
+                sub["channel_multipliers"] = tuple(sub["channel_multipliers"])
+            kwargs[sub_name] = sub_cls(**sub)
+        kwargs.update(d)
+        return cls(**kwargs).validate()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JanusConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: dict[str, Any] | None = None) -> "JanusConfig":
+        """A named preset with dotted-key overrides, e.g. {"llm.num_layers": 4}."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        cfg = PRESETS[name]()
+        return apply_overrides(cfg, overrides or {}).validate()
+
+
+def apply_overrides(cfg: JanusConfig, overrides: dict[str, Any]) -> JanusConfig:
+    """Return a copy of cfg with dotted keys replaced; unknown keys raise naming the key."""
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = d
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                raise ValueError(f"unknown model config key {key!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown model config key {key!r}")
+        node[parts[-1]] = value
+    return JanusConfig.from_dict(d)
+
+
+def tiny() -> JanusConfig:
+    """For tests and the demo: a forward pass in milliseconds on CPU, 64 px images, 16 tokens."""
+    return JanusConfig(
+        name="tiny",
+        llm=LLMConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=172,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            max_position_embeddings=4096,
+        ),
+        vision=VisionConfig(image_size=64, patch_size=16, hidden_size=32, num_layers=2, num_heads=2),
+        vq=VQConfig(
+            codebook_size=256,
+            code_dim=8,
+            base_channels=32,
+            channel_multipliers=(1, 1, 1, 1, 2),
+            num_res_blocks=1,
+            latent_channels=32,
+        ),
+    )
+
+
+def small() -> JanusConfig:
+    """A few-hundred-million-parameter model for benchmarks and memory-plan cross-checks."""
+    return JanusConfig(
+        name="small",
+        llm=LLMConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=8),
+        vision=VisionConfig(image_size=128, patch_size=16, hidden_size=256, num_layers=4, num_heads=4),
+        vq=VQConfig(
+            codebook_size=4096,
+            base_channels=32,
+            channel_multipliers=(1, 1, 2, 2, 4),
+            num_res_blocks=1,
+            latent_channels=64,
+        ),
+    )
+
+
+def janus_pro_1b() -> JanusConfig:
+    return JanusConfig(name="janus_pro_1b", llm=LLMConfig(hidden_size=2048, intermediate_size=5632, num_layers=24, num_heads=16, num_kv_heads=16))
+
+
+def janus_pro_7b() -> JanusConfig:
+    return JanusConfig(name="janus_pro_7b", llm=LLMConfig(hidden_size=4096, intermediate_size=11008, num_layers=30, num_heads=32, num_kv_heads=32))
+
+
+PRESETS = {"tiny": tiny, "small": small, "janus_pro_1b": janus_pro_1b, "janus_pro_7b": janus_pro_7b}

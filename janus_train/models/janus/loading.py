@@ -1,0 +1,261 @@
+"""Reading and writing Janus checkpoint directories in the three layouts.
+
+  native    config.json {"format": "janus_train", "janus_config": {...}} + model*.safetensors
+  hf        transformers JanusForConditionalGeneration: config.json + model*.safetensors
+  deepseek  the original release: config.json (language_config, vision_config, ...) +
+            pytorch_model*.bin pickles, read with torch.load(weights_only=True) only
+
+Tokenizer / processor files travel with the weights. Directories are written to a temporary
+sibling and renamed into place, so a crash never leaves a half-written checkpoint under the
+final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from janus_train.models.janus import state_dict_adapter as adapter
+from janus_train.models.janus.config import JanusConfig
+
+NATIVE_MARKER = "janus_train"
+# Files that belong to the tokenizer/processor, carried along by conversions.
+AUX_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as asked; the message says why."""
+
+
+def detect_format(path: str | Path) -> str:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json, not a checkpoint directory")
+    d = json.loads(cfg_path.read_text())
+    if d.get("format") == NATIVE_MARKER:
+        return "native"
+    if d.get("model_type") == "janus":
+        return "hf"
+    if "language_config" in d:
+        return "deepseek"
+    raise CheckpointError(f"{cfg_path}: cannot tell the checkpoint format (model_type={d.get('model_type')!r})")
+
+
+def read_config(path: str | Path, fmt: str | None = None) -> JanusConfig:
+    fmt = fmt or detect_format(path)
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json, not a checkpoint directory")
+    try:
+        return _config_from_dict(json.loads(cfg_path.read_text()), path, fmt)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path} is not a valid {fmt} config: {e}") from None
+
+
+def _config_from_dict(d: dict, path: str | Path, fmt: str) -> JanusConfig:
+    if fmt == "native":
+        if d.get("format") != NATIVE_MARKER:
+            raise CheckpointError(f"{path}: config.json is not a janus_train native config")
+        return JanusConfig.from_dict(d["janus_config"])
+    if fmt == "hf":
+        if d.get("model_type") != "janus":
+            raise CheckpointError(f"{path}: config.json model_type={d.get('model_type')!r}, expected 'janus' for --format hf")
+        return adapter.config_from_hf(d, name=Path(path).name)
+    if fmt == "deepseek":
+        return adapter.config_from_deepseek(d, name=Path(path).name)
+    raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {adapter.FORMATS}")
+
+
+def _read_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update(load_file(str(path / f)))
+        return out
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    if fmt == "deepseek":
+        bin_index = path / "pytorch_model.bin.index.json"
+        files = (
+            sorted(set(json.loads(bin_index.read_text())["weight_map"].values()))
+            if bin_index.is_file()
+            else ["pytorch_model.bin"]
+        )
+        out = {}
+        for f in files:
+            fp = path / f
+            if not fp.is_file():
+                raise CheckpointError(f"{path}: missing weight file {f}")
+            # weights_only: a checkpoint is data; never execute pickled code from it.
+            out.update(torch.load(fp, map_location="cpu", weights_only=True))
+        return out
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[JanusConfig, dict[str, torch.Tensor]]:
+    """(config, native state dict) from a checkpoint directory, fully validated."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    cfg = read_config(path, fmt)
+    external = _read_tensors(path, fmt)
+    try:
+        native = adapter.to_native(external, cfg, fmt)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e.args[0] if e.args else e}") from None
+    return cfg, native
+
+
+def _save_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, metadata: dict[str, str]) -> None:
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    if total <= MAX_SHARD_BYTES:
+        save_file(sd, str(out_dir / "model.safetensors"), metadata=metadata)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(sd):
+        nbytes = sd[k].numel() * sd[k].element_size()
+        if size and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = sd[k]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata=metadata)
+        weight_map.update({k: name for k in shard})
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy tokenizer/processor files that exist in src; returns their names."""
+    copied = []
+    for name in AUX_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def write_checkpoint(
+    path: str | Path,
+    cfg: JanusConfig,
+    native_sd: dict[str, torch.Tensor],
+    fmt: str = "native",
+    aux_from: str | Path | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (temp dir + rename). Returns the path."""
+    path = Path(path)
+    if fmt not in adapter.FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {adapter.FORMATS}")
+    external = adapter.from_native(native_sd, cfg, fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        if fmt == "native":
+            (tmp / "config.json").write_text(json.dumps({"format": NATIVE_MARKER, "janus_config": cfg.to_dict()}, indent=2) + "\n")
+            _save_safetensors(external, tmp, {"format": "pt"})
+        elif fmt == "hf":
+            from transformers import JanusConfig as HFJanusConfig
+
+            HFJanusConfig(**adapter.config_to_hf(cfg)).save_pretrained(str(tmp))
+            _save_safetensors(external, tmp, {"format": "pt"})
+        else:  # deepseek: only for building test fixtures in the original layout
+            (tmp / "config.json").write_text(json.dumps(adapter.config_to_deepseek(cfg), indent=2) + "\n")
+            torch.save({k: v.contiguous() for k, v in external.items()}, tmp / "pytorch_model.bin")
+        if aux_from is not None:
+            copy_aux_files(aux_from, tmp)
+        # mkdtemp makes a private directory; give the result normal permissions.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+            _fsync(f)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync(f: Path) -> None:
+    with open(f, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def load_state_into(model: torch.nn.Module, native_sd: dict[str, torch.Tensor]) -> None:
+    """Strictly load a validated native state dict, keeping dtype/device of the model."""
+    cfg: JanusConfig = model.config
+    sd = dict(native_sd)
+    if cfg.llm.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["llm.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True)
+
+
+def load_pretrained(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    fmt: str | None = None,
+    overrides: dict | None = None,
+):
+    """A ready `JanusModel` from any supported checkpoint directory (format auto-detected).
+
+    `overrides` replaces runtime-only fields of the stored config (attention backend,
+    activation checkpointing); architecture fields must match the weights.
+    """
+    from janus_train.models.janus.config import apply_overrides
+    from janus_train.models.janus.model import JanusModel
+
+    cfg, sd = read_checkpoint(path, fmt)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    with torch.device("meta"):
+        model = JanusModel(cfg)
+    model = model.to_empty(device=device)
+    if dtype is not None:
+        model = model.to(dtype)
+    load_state_into(model, sd)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer (a transformers fast tokenizer)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "tokenizer.json").is_file() and not (Path(path) / "tokenizer_config.json").is_file():
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,377 @@
+"""Janus-Pro in plain PyTorch: one LLaMA-style decoder, two decoupled visual pathways.
+
+    und:  pixels -> SigLIP -> und_aligner -> replaces <image_placeholder> embeddings
+    gen:  VQ codes -> gen_embed -> gen_aligner -> LLM inputs; LLM outputs -> gen_head -> codes
+    text: token ids -> embed_tokens; LLM outputs -> lm_head -> next token
+
+`JanusModel.forward(batch)` takes a `PackedBatch` and returns per-task *summed* losses and
+supervised-token counts, so the caller can normalise by a global token count. Nothing here
+knows about ranks or process groups: parallelism is applied from outside
+(janus_train/parallel/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from janus_train.data.batch import TASK_ID, TASKS, PackedBatch
+from janus_train.models.attention import PackedDocs, cached_attention, packed_attention
+from janus_train.models.janus.config import JanusConfig, LLMConfig
+from janus_train.models.janus.siglip import SigLIPVisionTower
+from janus_train.models.janus.vq import VQTokenizer
+
+# ---------------------------------------------------------------------------------------
+# LLM
+# ---------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as the released model), then cast back before the scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [R, 1, S, head_dim] for positions [R, S] (computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers for incremental decoding."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, n = self.length, k.shape[2]
+        if start + n > self.max_len:
+            raise ValueError(f"KV cache overflow: {start + n} > max_len {self.max_len}")
+        self.k[layer][:, :, start : start + n] = k
+        self.v[layer][:, :, start : start + n] = v
+        return self.k[layer][:, :, : start + n], self.v[layer][:, :, : start + n]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, docs: PackedDocs | None, backend: str, cache: KVCache | None = None, layer: int = 0):
+        r, s, _ = x.shape
+        # Head counts come from the projection widths so tensor-parallel shards (which hold a
+        # slice of the heads) run this same code.
+        q = self.q_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+            out = cached_attention(q, k, v, backend)
+        else:
+            out = packed_attention(q, k, v, docs, backend)
+        return self.o_proj(out.transpose(1, 2).reshape(r, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        # Set from outside (janus_train/parallel/checkpointing.py): "none" | "full" | "attn".
+        self.checkpoint_mode = "none"
+
+    def _attn_part(self, x, cos, sin, docs, backend, cache, layer):
+        return self.attn(self.attn_norm(x), cos, sin, docs, backend, cache, layer)
+
+    def forward(self, x, cos, sin, docs, backend, cache=None, layer=0):
+        if self.checkpoint_mode == "full" and self.training and cache is None:
+            return checkpoint(self._forward, x, cos, sin, docs, backend, use_reentrant=False)
+        return self._forward(x, cos, sin, docs, backend, cache, layer)
+
+    def _forward(self, x, cos, sin, docs, backend, cache=None, layer=0):
+        if self.checkpoint_mode == "attn" and self.training and cache is None:
+            h = checkpoint(self._attn_part, x, cos, sin, docs, backend, None, layer, use_reentrant=False)
+        else:
+            h = self._attn_part(x, cos, sin, docs, backend, cache, layer)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LanguageModel(nn.Module):
+    """Decoder stack without heads: embeddings in, final-normed hidden states out."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        docs: PackedDocs | None,
+        backend: str,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, docs, backend, cache, i)
+        if cache is not None:
+            cache.length += inputs_embeds.shape[1]
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Adaptors and heads
+# ---------------------------------------------------------------------------------------
+
+
+class MLPProjector(nn.Module):
+    """Linear, then (GELU, Linear) x (depth - 1): the und and gen aligners."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(in_dim, out_dim)] + [nn.Linear(out_dim, out_dim) for _ in range(depth - 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers[0](x)
+        for layer in self.layers[1:]:
+            x = layer(F.gelu(x))
+        return x
+
+
+class GenHead(nn.Module):
+    """LLM hidden -> hidden -> GELU -> logits over the VQ codebook."""
+
+    def __init__(self, hidden: int, inner: int, codebook_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, codebook_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# ---------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskLosses:
+    """Per-task summed cross-entropy and supervised-token counts (for global normalisation)."""
+
+    loss_sum: dict[str, torch.Tensor]
+    num_tokens: dict[str, torch.Tensor]
+
+    def total_sum(self) -> torch.Tensor:
+        return sum(self.loss_sum.values())
+
+
+class JanusModel(nn.Module):
+    # Submodule names by role; stage freeze rules (training/stages.py) are written in these.
+    COMPONENTS = ("llm", "lm_head", "vision", "und_aligner", "vq", "gen_embed", "gen_aligner", "gen_head")
+
+    def __init__(self, config: JanusConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        self.llm = LanguageModel(c.llm)
+        self.lm_head = nn.Linear(c.llm.hidden_size, c.llm.vocab_size, bias=False)
+        if c.llm.tie_word_embeddings:
+            self.lm_head.weight = self.llm.embed_tokens.weight
+        self.vision = SigLIPVisionTower(c.vision)
+        self.und_aligner = MLPProjector(c.vision.hidden_size, c.llm.hidden_size, c.vision.aligner_depth)
+        self.vq = VQTokenizer(c.vq)
+        self.gen_embed = nn.Embedding(c.vq.codebook_size, c.vq.code_dim)
+        self.gen_aligner = MLPProjector(c.vq.code_dim, c.llm.hidden_size, c.vq.gen_aligner_depth)
+        self.gen_head = GenHead(c.llm.hidden_size, c.gen_head_hidden, c.vq.codebook_size)
+        self.vq.requires_grad_(False)
+        self.apply_activation_checkpointing(c.activation_checkpointing, c.checkpoint_every)
+
+    # ---- setup ---------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Fresh random weights (normal(0, std) linears/embeddings, unit norms)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                with torch.no_grad():
+                    w = torch.randn(module.weight.shape, generator=gen) * std
+                    module.weight.copy_(w.to(module.weight.dtype))
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, RMSNorm)):
+                with torch.no_grad():
+                    module.weight.fill_(1.0)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+        with torch.no_grad():
+            w = torch.randn(self.vision.pos_embed.shape, generator=gen) * std
+            self.vision.pos_embed.copy_(w.to(self.vision.pos_embed.dtype))
+            if self.config.vq.codebook_l2_norm:
+                self.vq.codebook.weight.copy_(F.normalize(self.vq.codebook.weight, dim=-1))
+
+    def apply_activation_checkpointing(self, mode: str, every: int = 2) -> None:
+        """none | full (every LLM block) | selective (every `every`-th block in full)."""
+        for i, layer in enumerate(self.llm.layers):
+            if mode == "full":
+                layer.checkpoint_mode = "full"
+            elif mode == "selective":
+                layer.checkpoint_mode = "full" if i % every == 0 else "none"
+            elif mode == "none":
+                layer.checkpoint_mode = "none"
+            else:
+                raise ValueError(f"activation_checkpointing={mode!r} is not one of none|full|selective")
+
+    # ---- embeddings ----------------------------------------------------------------------
+    def embed_und_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, num_image_tokens, llm_hidden]."""
+        return self.und_aligner(self.vision(pixel_values))
+
+    def embed_gen_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.gen_aligner(self.gen_embed(codes))
+
+    def embed_inputs(self, batch: PackedBatch, touch_all: bool = False) -> torch.Tensor:
+        ids = batch.input_ids
+        gen_mask = batch.gen_input_mask
+        text_ids = ids.masked_fill(gen_mask | batch.und_image_mask, 0)
+        x = self.llm.embed_tokens(text_ids)
+        if bool(gen_mask.any()):
+            gen_vals = self.embed_gen_codes(ids[gen_mask])
+            x = x.masked_scatter(gen_mask[..., None], gen_vals.to(x.dtype))
+        elif touch_all:
+            x = x + 0.0 * self.embed_gen_codes(ids.new_zeros(1)).sum()
+        if batch.und_pixel_values is not None and batch.und_pixel_values.shape[0] > 0:
+            feats = self.embed_und_images(batch.und_pixel_values)
+            n_pos = int(batch.und_image_mask.sum())
+            if n_pos != feats.shape[0] * feats.shape[1]:
+                raise ValueError(
+                    f"und_image_mask marks {n_pos} positions but {feats.shape[0]} images give "
+                    f"{feats.shape[0] * feats.shape[1]} features"
+                )
+            x = x.masked_scatter(batch.und_image_mask[..., None], feats.reshape(-1, feats.shape[-1]).to(x.dtype))
+        elif touch_all:
+            size = self.config.vision.image_size
+            dummy = torch.zeros(1, 3, size, size, device=x.device, dtype=x.dtype)
+            x = x + 0.0 * self.embed_und_images(dummy).sum()
+        return x
+
+    # ---- forward -------------------------------------------------------------------------
+    def hidden_states(self, batch: PackedBatch, touch_all: bool = False) -> torch.Tensor:
+        """Final-normed LLM hidden states [R, S, H] for a packed batch."""
+        docs = PackedDocs.from_cu_seqlens(batch.cu_seqlens, batch.max_seqlen, batch.num_rows, batch.seq_len)
+        x = self.embed_inputs(batch, touch_all=touch_all)
+        return self.llm(x, batch.position_ids, docs, self.config.attention)
+
+    def forward(self, batch: PackedBatch, touch_all: bool = False) -> TaskLosses:
+        """Per-task summed CE and token counts.
+
+        `touch_all=True` runs every trainable branch even when the batch lacks its task
+        (on dummy input, scaled by 0) so that every rank touches the same parameters in every
+        micro-step; ZeRO-3 gathers hang otherwise.
+        """
+        hidden = self.hidden_states(batch, touch_all=touch_all)
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        labels = batch.labels.reshape(-1)
+        task = batch.loss_task.reshape(-1)
+        loss_sum: dict[str, torch.Tensor] = {}
+        num_tokens: dict[str, torch.Tensor] = {}
+        zero = flat_h.new_zeros((), dtype=torch.float32)
+
+        # Heads run only on supervised positions: the 102400-way lm_head never sees image tokens.
+        text_sel = (task == TASK_ID["und"]) | (task == TASK_ID["text"])
+        gen_sel = task == TASK_ID["gen"]
+        for head, sel, names in ((self.lm_head, text_sel, ("und", "text")), (self.gen_head, gen_sel, ("gen",))):
+            idx = sel.nonzero(as_tuple=True)[0]
+            if idx.numel():
+                logits = head(flat_h[idx]).float()
+                ce = F.cross_entropy(logits, labels[idx], reduction="none")
+                t = task[idx]
+                for name in names:
+                    m = t == TASK_ID[name]
+                    loss_sum[name] = (ce * m).sum()
+                    num_tokens[name] = m.sum()
+            else:
+                extra = 0.0 * head(flat_h[:1]).float().sum() if touch_all else zero
+                for name in names:
+                    loss_sum[name] = extra + zero
+                    num_tokens[name] = torch.zeros((), dtype=torch.long, device=flat_h.device)
+        return TaskLosses({n: loss_sum[n] for n in TASKS}, {n: num_tokens[n] for n in TASKS})
+
+    # ---- logits for evaluation and parity checks -----------------------------------------
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def gen_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.gen_head(hidden)
+
+    # ---- incremental decoding (inference) ------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.llm.embed_tokens.weight
+        c = self.config.llm
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, p.device, p.dtype)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run new positions [B, T, H] through the LLM with the cache; returns hidden [B, T, H]."""
+        b, t, _ = inputs_embeds.shape
+        pos = torch.arange(cache.length, cache.length + t, device=inputs_embeds.device)[None].expand(b, t)
+        return self.llm(inputs_embeds, pos, None, self.config.attention, cache=cache)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Unique parameters (a tensor shared by two modules counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,81 @@
+"""SigLIP ViT (the understanding encoder), without its attention-pool head.
+
+A pre-norm ViT: conv patch embedding + learned absolute positions, L blocks of
+LayerNorm -> MHA (with biases) and LayerNorm -> GELU MLP, then a final LayerNorm. The output
+is the full token grid (576 tokens at 384 px / patch 16), which the aligner maps to the LLM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from janus_train.models.janus.config import VisionConfig
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, h, d // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        inner = int(cfg.hidden_size * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.hidden_size, inner)
+        self.fc2 = nn.Linear(inner, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SigLIPVisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(num_patches, cfg.hidden_size))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+        self.post_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] SigLIP-normalised pixels -> [N, num_patches, hidden]."""
+        if pixel_values.shape[-1] != self.cfg.image_size or pixel_values.shape[-2] != self.cfg.image_size:
+            raise ValueError(
+                f"vision tower expects {self.cfg.image_size}x{self.cfg.image_size} images, got {tuple(pixel_values.shape)}"
+            )
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.post_norm(x)

@@ -1,0 +1,69 @@
+"""Parameter counts per component, built on the meta device (instant, no memory).
+
+    python -m janus_train.models.summary NAME [--json] [key=value ...]
+
+NAME is a preset (tiny, small, janus_pro_1b, janus_pro_7b); key=value pairs override config
+fields (llm.num_layers=4). A tensor shared by two modules is counted once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from janus_train.models.janus.config import PRESETS, JanusConfig
+
+
+def component_counts(cfg: JanusConfig) -> dict[str, int]:
+    from janus_train.models.janus.model import JanusModel
+
+    with torch.device("meta"):
+        model = JanusModel(cfg)
+    seen: set[int] = set()
+    counts: dict[str, int] = {}
+    for name in JanusModel.COMPONENTS:
+        total = 0
+        for p in getattr(model, name).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        counts[name] = total
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out[k] = json.loads(v) if v[:1] in "[{0123456789-tf" and v not in ("-",) else v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m janus_train.models.summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    cfg = JanusConfig.from_preset(args.name, parse_overrides(args.overrides))
+    counts = component_counts(cfg)
+    if args.json:
+        print(json.dumps({"model": args.name, **counts}))
+        return 0
+    width = max(len(k) for k in counts)
+    print(f"{args.name}: parameters per component")
+    for k, v in counts.items():
+        if k == "total":
+            print("-" * (width + 18))
+        print(f"  {k:<{width}}  {v:>13,}  {v / 1e6:9.1f}M" if k != "total" else f"  {k:<{width}}  {v:>13,}  {v / 1e9:9.3f}B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A tiny byte-level BPE tokenizer with the Janus special tokens and chat template.
+
+Trained with `tokenizers` on a small built-in corpus (the shapes-world vocabulary plus common
+English), so tests and the demo tokenise like the released tokenizer does (special tokens
+are single ids, BOS is prepended, the chat template renders the DeepSeek format) without
+any model hub.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from janus_train.data import conversation as conv
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan", "gray", "brown"]
+SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ellipse", "diamond", "hexagon", "cross", "ring"]
+PLACES = ["left", "right", "top", "bottom", "center", "corner", "middle", "upper", "lower"]
+WORDS = (
+    "a an the is are of on in at to and with there what which how many where image picture photo shows "
+    "background large small big tiny one two three four five six seven eight nine ten color shape "
+    "describe this that it its has have question answer yes no please draw generate create near next "
+    "above below beside between some several only no none count number left right side object objects "
+    "you can see I there's here scene simple plain solid bright dark light pale deep"
+).split()
+
+# Our own rendering of the DeepSeek conversation format (see janus_train/data/conversation.py);
+# `content` may be a string or a list of {"type": "text"|"image"} parts.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}\n\n"
+    "{% elif m['role'] == 'user' %}<|User|>: "
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image_placeholder>{% if not loop.last %}\n{% endif %}"
+    "{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n\n"
+    "{% else %}<|Assistant|>: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{{ m['content'][0]['text'] }}{% endif %}"
+    "<｜end▁of▁sentence｜>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+def corpus() -> list[str]:
+    lines = []
+    for color, shape, place in itertools.product(COLORS, SHAPES, PLACES):
+        lines.append(f"A {color} {shape} on the {place} of a plain background.")
+        lines.append(f"What color is the {shape}? The {shape} is {color}.")
+    for n in range(1, 11):
+        lines.append(f"There are {n} shapes in the image. How many objects can you see? I can see {n}.")
+    lines.append(" ".join(WORDS))
+    lines.append("0123456789 .,:;!?'\"()-_/\n")
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 1000):
+    """A transformers PreTrainedTokenizerFast; every special token is one id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(conv.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=conv.BOS_TOKEN,
+        eos_token=conv.EOS_TOKEN,
+        pad_token=conv.PAD_TOKEN,
+        additional_special_tokens=[t for t in conv.SPECIAL_TOKENS if t not in (conv.BOS_TOKEN, conv.EOS_TOKEN, conv.PAD_TOKEN)],
+        extra_special_tokens={"image_token": conv.IMAGE_TOKEN, "boi_token": conv.BOI_TOKEN, "eoi_token": conv.EOI_TOKEN},
+        model_max_length=16384,
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+    # The released tokenizer prepends BOS; a bare BPE tokenizer would not.
+    from tokenizers import processors
+
+    bos_id = fast.convert_tokens_to_ids(conv.BOS_TOKEN)
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{conv.BOS_TOKEN} $A", pair=f"{conv.BOS_TOKEN} $A $B", special_tokens=[(conv.BOS_TOKEN, bos_id)]
+    )
+    fast.add_bos_token = True
+    return fast
+
+
+def save_tokenizer_and_processor(out_dir: str | Path, image_size: int, num_image_tokens: int):
+    """Write tokenizer + JanusImageProcessor/JanusProcessor configs into out_dir."""
+    from transformers import JanusImageProcessor, JanusProcessor
+
+    tok = build_tokenizer()
+    image_processor = JanusImageProcessor(size={"height": image_size, "width": image_size}, min_size=14)
+    processor = JanusProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE, num_image_tokens=num_image_tokens)
+    processor.save_pretrained(str(out_dir))
+    return tok
