@@ -94,10 +94,19 @@ def build_tokenizer(vocab_size: int = 1000):
 
 def save_tokenizer_and_processor(out_dir: str | Path, image_size: int, num_image_tokens: int):
     """Write tokenizer + JanusImageProcessor/JanusProcessor configs into out_dir."""
-    from transformers import JanusImageProcessor, JanusProcessor
+    from transformers import JanusProcessor
+
+    try:  # the PIL backend needs no torchvision (which cannot be installed beside CPU torch here)
+        from transformers import JanusImageProcessorPil as JanusImageProcessor
+    except ImportError:
+        from transformers import JanusImageProcessor
 
     tok = build_tokenizer()
-    image_processor = JanusImageProcessor(size={"height": image_size, "width": image_size}, min_size=14)
+    # Janus-Pro ships SigLIP statistics (mean = std = 0.5, so the pad colour is 127), not the
+    # CLIP defaults the class falls back to.
+    image_processor = JanusImageProcessor(
+        size={"height": image_size, "width": image_size}, min_size=14, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
     processor = JanusProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE, num_image_tokens=num_image_tokens)
     processor.save_pretrained(str(out_dir))
     return tok
