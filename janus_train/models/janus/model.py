@@ -332,8 +332,7 @@ class JanusModel(nn.Module):
         for head, sel, names in ((self.lm_head, text_sel, ("und", "text")), (self.gen_head, gen_sel, ("gen",))):
             idx = sel.nonzero(as_tuple=True)[0]
             if idx.numel():
-                logits = head(flat_h[idx]).float()
-                ce = F.cross_entropy(logits, labels[idx], reduction="none")
+                ce = per_token_cross_entropy(head, flat_h[idx], labels[idx])
                 t = task[idx]
                 for name in names:
                     m = t == TASK_ID[name]
@@ -364,6 +363,15 @@ class JanusModel(nn.Module):
         b, t, _ = inputs_embeds.shape
         pos = torch.arange(cache.length, cache.length + t, device=inputs_embeds.device)[None].expand(b, t)
         return self.llm(inputs_embeds, pos, None, self.config.attention, cache=cache)
+
+
+def per_token_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fp32 CE per position. A head may provide its own `per_token_cross_entropy` (a
+    vocab-parallel head computes it without gathering the full vocabulary)."""
+    custom = getattr(head, "per_token_cross_entropy", None)
+    if custom is not None:
+        return custom(hidden, labels)
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
 def count_parameters(module: nn.Module) -> int:
