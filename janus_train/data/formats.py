@@ -1,0 +1,141 @@
+"""The on-disk sample schema of the three task streams, and the reasons a sample is skipped.
+
+Every dataset is a directory of WebDataset tar shards (plus energon's `.nv-meta/` index). A
+sample is the group of tar members sharing a key (`<key>.<part>`); keys contain no dots.
+
+  und   `<key>.jpg|jpeg|png|webp` one image, and `<key>.json`:
+        {"conversations": [{"role": "user", "content": "<image>\\nWhat is this?"},
+                           {"role": "assistant", "content": "A red circle."}, ...],
+         "system": optional str, "source": optional str}
+        The "<image>" marker says where the image goes; without one, the image is put before
+        the first user turn's text (the LLaVA convention). Multi-turn is allowed.
+  text  `<key>.txt` plain UTF-8 text, or `<key>.json` with {"text": str} or
+        {"conversations": [...]} (a chat without images).
+  gen   `<key>.json` {"caption": str, "source": optional str ("real", "synthetic", ...)} and
+        either the image (`<key>.jpg|...`) or its VQ codes `<key>.codes.npy` (integer [N]).
+        `pretokenize_vq` also writes `<key>.prompt_ids.npy` (int32 ids of the whole gen prompt,
+        without BOS) with "prompt_tokenizer" in the json, so the loader need not tokenise.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+IMAGE_PARTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+CODES_PART = "codes.npy"
+PROMPT_IDS_PART = "prompt_ids.npy"
+
+# Why a sample was skipped. Counted per source in loader.stats() and in build reports.
+SKIP_REASONS: tuple[str, ...] = (
+    "truncated_tar",  # the shard ends before the sample does
+    "bad_tar",  # a tar header that cannot be parsed
+    "missing_shard",  # a shard listed in the index is not on disk
+    "missing_file",  # a manifest row names a file that does not exist (build time)
+    "bad_image",  # undecodable image bytes
+    "bad_json",  # json that does not parse, or is not an object
+    "missing_key",  # a required part or json field is absent
+    "empty_caption",
+    "empty_text",
+    "bad_text",  # text that is not UTF-8
+    "bad_conversation",  # wrong roles, no assistant turn, image slots != images
+    "bad_codes",  # codes of the wrong count or out of the codebook
+    "too_long",  # longer than seq_len and not truncatable (see packing rules)
+)
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_json(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        raise SampleError("missing_key", "no .json part")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError("bad_json", str(e)[:200]) from None
+    if not isinstance(obj, dict):
+        raise SampleError("bad_json", f"expected a json object, got {type(obj).__name__}")
+    return obj
+
+
+def image_part(parts: dict[str, bytes]) -> bytes | None:
+    for name in IMAGE_PARTS:
+        if name in parts:
+            return parts[name]
+    return None
+
+
+def get_conversation(obj: dict[str, Any]) -> list[dict[str, str]]:
+    turns = obj.get("conversations", obj.get("messages"))
+    if turns is None:
+        raise SampleError("missing_key", "json has no 'conversations'")
+    if not isinstance(turns, list) or not turns:
+        raise SampleError("bad_conversation", "'conversations' must be a non-empty list")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("role") not in ("user", "assistant") or not isinstance(t.get("content"), str):
+            raise SampleError("bad_conversation", f"turn {i} must be {{'role': 'user'|'assistant', 'content': str}}")
+        out.append({"role": t["role"], "content": t["content"]})
+    if not any(t["role"] == "assistant" for t in out):
+        raise SampleError("bad_conversation", "no assistant turn (nothing to learn)")
+    return out
+
+
+def get_caption(obj: dict[str, Any]) -> str:
+    cap = obj.get("caption")
+    if cap is None:
+        raise SampleError("missing_key", "json has no 'caption'")
+    if not isinstance(cap, str) or not cap.strip():
+        raise SampleError("empty_caption", "caption is empty")
+    return cap.strip()
+
+
+# np.load parses the npy header with ast.literal_eval (~10 us); shards repeat a handful of
+# headers, so cache the parsed (dtype, shape) by the raw header bytes.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def load_npy(raw: bytes) -> np.ndarray:
+    """Decode .npy bytes (read-only array, no copy)."""
+    try:
+        if raw[:6] != b"\x93NUMPY":
+            raise ValueError("not an npy file")
+        major = raw[6]
+        hlen_size = 2 if major == 1 else 4
+        hlen = int.from_bytes(raw[8 : 8 + hlen_size], "little")
+        start = 8 + hlen_size + hlen
+        header = raw[:start]
+        parsed = _NPY_HEADERS.get(header)
+        if parsed is None:
+            import ast
+
+            d = ast.literal_eval(header[8 + hlen_size :].decode("latin1"))
+            if d.get("fortran_order"):
+                raise ValueError("fortran order npy is not supported")
+            parsed = (np.dtype(d["descr"]), tuple(d["shape"]), start)
+            if len(_NPY_HEADERS) < 256:
+                _NPY_HEADERS[header] = parsed
+        dtype, shape, start = parsed
+        count = int(np.prod(shape)) if shape else 1
+        return np.frombuffer(raw, dtype=dtype, count=count, offset=start).reshape(shape)
+    except (ValueError, SyntaxError, KeyError, TypeError, IndexError) as e:
+        raise SampleError("bad_codes", f"cannot decode npy: {e}") from None
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()

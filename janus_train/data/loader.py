@@ -1,0 +1,216 @@
+"""The training data loader: sources -> exact per-step task mix -> packed micro-batches.
+
+Public API (what the training engine calls):
+
+    loader = build_train_loader(data_cfg, tokenizer, model_image_cfg, dp_rank, dp_size)
+    for micro_batches in loader:      # one item per optimizer step, endless
+        for mb in micro_batches:      # list[PackedBatch], the same length on every rank;
+            ...                       # micro-step j holds the same task on every rank
+    sd = loader.state_dict()          # JSON-able; save it with the checkpoint (per rank)
+    loader.load_state_dict(sd)        # a fresh loader continues exactly where sd was taken
+    loader.stats()                    # {"step", "skipped": {source: {reason: n}}, "samples": {source: n}}
+    loader.close()                    # stops the worker processes
+
+`data_cfg` is a `DataConfig` (or a dict / YAML path for one); `tokenizer` a transformers fast
+tokenizer, a path, or None (then `data_cfg.tokenizer`); `model_image_cfg` the model config
+(`JanusConfig`) or an `ImageConfig`. Each micro-batch has `micro_batch_rows` rows of `seq_len`;
+its `meta` carries "step", "micro_step", "task" (und/text/gen, or "mixed" with
+granularity="row"), "keys" / "sources" per row, "row_tasks", "num_docs", "pad_tokens".
+
+How it works: `mixing.plan_step` fixes the rows per task and their (micro-step, rank) layout;
+for each task this rank needs rows of, its `TaskPacker` fills them from the task's sources
+(`SourceBlender` picks the source of every document); `sources.SourceStream`s deliver
+documents decoded by a pool of worker processes; `packing.collate` builds the PackedBatch.
+The state is the step, each stream's position, each packer's blender counts and the
+positions of the documents in its look-ahead buffers (re-read on restore), and skip counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+from janus_train.data import conversation as conv
+from janus_train.data.batch import TASK_ID, TASKS, PackedBatch
+from janus_train.data.config import DataConfig, ImageConfig
+from janus_train.data.mixing import plan_step
+from janus_train.data.packing import Row, TaskPacker, collate
+from janus_train.data.shards import dataset_shards, read_janus_meta
+from janus_train.data.sources import DecodePool, SkipStats, SourcePlan, SourceStream
+from janus_train.data.tokenize import DocBuilder, TokenizerInfo
+
+log = logging.getLogger("janus_train.data")
+
+STATE_VERSION = 1
+
+
+class TrainLoader:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tok: TokenizerInfo,
+        image: ImageConfig,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        unit = dp_size * cfg.micro_batch_rows
+        if cfg.global_batch % unit:
+            raise ValueError(f"global_batch={cfg.global_batch} must be divisible by dp_size*micro_batch_rows={unit}")
+        self.cfg, self.tok, self.image = cfg, tok, image
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.step = 0
+        self.stats_ = SkipStats()
+        system = conv.DEFAULT_SYSTEM_PROMPT if cfg.und_system_prompt == "default" else (cfg.und_system_prompt or None)
+        builder = DocBuilder(
+            tok=tok,
+            seq_len=cfg.seq_len,
+            num_image_tokens=image.num_image_tokens,
+            image_size=image.image_size,
+            num_gen_tokens=image.num_gen_tokens,
+            codebook_size=image.codebook_size,
+            seed=cfg.seed,
+            cfg_dropout=cfg.cfg_dropout,
+            truncation=cfg.truncation,
+            system_prompt=system,
+            jpeg_draft=cfg.jpeg_draft,
+        )
+        self.active = [t for t, share in zip(TASKS, cfg.ratio) if share > 0]
+        self.source_names: dict[int, list[str]] = {TASK_ID[t]: [s.name for s in getattr(cfg, t)] for t in TASKS}
+        # Plans first: they read the shard indexes, so a bad path fails before workers start.
+        plans: dict[str, list[SourcePlan]] = {}
+        for task in self.active:
+            plans[task] = []
+            for src in getattr(cfg, task):
+                meta = read_janus_meta(src.path)
+                if meta.get("task") not in (None, task):
+                    raise ValueError(f"data.{task} source {src.path} holds {meta['task']!r} samples, not {task!r}")
+                plans[task].append(SourcePlan(f"{task}/{src.name}", dataset_shards(src.path), cfg.chunk_size, cfg.seed, dp_rank, dp_size))
+        self.pool = DecodePool(builder, cfg.num_workers, cfg.worker_start_method)
+        self.streams: dict[str, list[SourceStream]] = {}
+        self.packers: dict[str, TaskPacker] = {}
+        for task in self.active:
+            srcs = getattr(cfg, task)
+            self.streams[task] = [
+                SourceStream(task, f"{task}/{s.name}", plan, self.pool, cfg.prefetch, self.stats_) for s, plan in zip(srcs, plans[task])
+            ]
+            streams = self.streams[task]
+            self.packers[task] = TaskPacker(
+                [s.weight for s in srcs],
+                cfg.seq_len,
+                pull=lambda i, streams=streams: streams[i].next_doc(),
+                lookahead=cfg.lookahead,
+                max_wait_steps=cfg.max_wait_steps,
+            )
+
+    # ---- iteration --------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[list[PackedBatch]]:
+        while True:
+            yield self.next_step()
+
+    def __next__(self) -> list[PackedBatch]:
+        return self.next_step()
+
+    def next_step(self) -> list[PackedBatch]:
+        cfg = self.cfg
+        plan = plan_step(cfg.ratio, cfg.global_batch, self.dp_size, cfg.micro_batch_rows, cfg.seed, self.step, cfg.granularity)
+        need = plan.rank_rows(self.dp_rank)
+        rows = {t: iter(self.packers[t].pack(need[t], self.step)) for t in self.active if need[t] > 0}
+        out = []
+        for j, per_rank in enumerate(plan.micro_tasks):
+            mb_rows = [Row(TASK_ID[t], next(rows[t])) for t in per_rank[self.dp_rank]]
+            meta = {"step": self.step, "micro_step": j, "task": plan.micro_step_task(j), "rank": self.dp_rank}
+            out.append(collate(mb_rows, cfg.seq_len, self.tok.pad_id, self.tok.image_id, self.source_names, meta))
+        self.step += 1
+        return out
+
+    # ---- state ------------------------------------------------------------------------------
+    def _layout(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "seed": c.seed,
+            "chunk_size": c.chunk_size,
+            "seq_len": c.seq_len,
+            "sources": {t: [[s.name, s.weight] for s in getattr(c, t)] for t in self.active},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "layout": self._layout(),
+            "streams": {t: [s.state_dict() for s in self.streams[t]] for t in self.active},
+            "packers": {t: self.packers[t].state_dict() for t in self.active},
+            "stats": self.stats_.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {sd.get('version')!r}, this code reads {STATE_VERSION}")
+        mine = self._layout()
+        theirs = sd["layout"]
+        for k, v in mine.items():
+            got = theirs.get(k)
+            if k == "sources":
+                got = {t: [list(x) for x in lst] for t, lst in (got or {}).items()}
+            if got != v:
+                raise ValueError(f"data loader state was saved with {k}={got!r}; this loader has {k}={v!r}")
+        self.step = int(sd["step"])
+        self.stats_.load_state_dict(sd.get("stats", {}))
+        for t in self.active:
+            for stream, ssd in zip(self.streams[t], sd["streams"][t]):
+                stream.load_state_dict(ssd)
+            streams = self.streams[t]
+            self.packers[t].load_state_dict(sd["packers"][t], fetch=lambda i, pos, streams=streams: streams[i].fetch(pos))
+
+    def stats(self) -> dict[str, Any]:
+        st = self.stats_.state_dict()
+        return {"step": self.step, "skipped": st["skipped"], "samples": st["samples"]}
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "TrainLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def build_train_loader(
+    data_cfg: DataConfig | dict[str, Any] | str | Path,
+    tokenizer: Any,
+    model_image_cfg: Any,
+    dp_rank: int | None = None,
+    dp_size: int | None = None,
+) -> TrainLoader:
+    """The loader for one data-parallel rank (see the module docstring)."""
+    if isinstance(data_cfg, (str, Path)):
+        data_cfg = DataConfig.from_yaml(data_cfg)
+    elif isinstance(data_cfg, dict):
+        data_cfg = DataConfig.from_dict(data_cfg)
+    elif not isinstance(data_cfg, DataConfig):
+        # e.g. an omegaconf DictConfig from the engine's Hydra tree
+        try:
+            from omegaconf import OmegaConf
+
+            data_cfg = DataConfig.from_dict(OmegaConf.to_container(data_cfg, resolve=True))  # type: ignore[arg-type]
+        except Exception as e:
+            raise TypeError(f"data_cfg must be a DataConfig, dict or YAML path, got {type(data_cfg).__name__}") from e
+    if tokenizer is None:
+        if not data_cfg.tokenizer:
+            raise ValueError("no tokenizer given and data.tokenizer is not set")
+        tokenizer = data_cfg.tokenizer
+    tok = tokenizer if isinstance(tokenizer, TokenizerInfo) else TokenizerInfo.from_hf(tokenizer)
+    image = ImageConfig.from_model(model_image_cfg)
+    return TrainLoader(
+        data_cfg,
+        tok,
+        image,
+        data_cfg.dp_rank if dp_rank is None else dp_rank,
+        data_cfg.dp_size if dp_size is None else dp_size,
+    )

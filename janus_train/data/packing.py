@@ -1,0 +1,259 @@
+"""Packing tokenised documents into rows of `seq_len`, and rows into a `PackedBatch`.
+
+A row holds documents of one task only, laid end to end and followed by padding. Each
+document starts with BOS at position 0 (positions restart per document); `cu_seqlens` marks
+every document and every row's padding tail as its own segment, so the attention backends
+never let one document see another (and nothing attends across rows).
+
+Choosing documents (`TaskPacker.pack`): documents of a task arrive from its sources into one
+look-ahead buffer per source. The source of the next document is always the one the
+`SourceBlender` names (so sources keep their weights exactly, counted on packed documents),
+and from that source's buffer we take the longest document that fits the fullest row that
+can still take that source's shortest document; when nothing fits, the step's rows for this
+task are closed and padded. This fills one row nearly to the brim before the next and keeps
+the pad fraction low; a document that waited `max_wait_steps` steps goes next regardless, so
+nothing starves. When the blender has a short period P (weights like 1:1 -> P=2), the
+documents packed per step are rounded down to a multiple of P by returning the last ones to
+their buffers, which makes every step's per-rank source counts exact (and therefore exact
+across ranks too).
+
+Over-long documents are handled by the tokeniser (`tokenize.py`) before they get here: text is
+truncated to seq_len (or dropped with truncation="drop"), an und conversation is truncated if
+its image and at least one answer token stay inside seq_len (else dropped), a gen document is
+never cut (its codes must be whole) and is dropped. Drops are counted as "too_long".
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from janus_train.data.batch import IGNORE_INDEX, NO_TASK, TASK_ID, TASKS, PackedBatch
+from janus_train.data.mixing import SourceBlender
+from janus_train.data.preprocess import normalize_siglip
+
+
+@dataclass(eq=False)
+class Doc:
+    """One tokenised sample.
+
+    ids[i] is the input at position i (a text id, or a VQ code for i >= gen_start);
+    target[i] says whether ids[i] is a loss target (predicted from position i-1), so
+    target[0] is always False. und docs carry their images as uint8 [n, H, W, 3].
+    """
+
+    key: str
+    task: int
+    ids: np.ndarray  # int32 [L]
+    target: np.ndarray  # bool [L]
+    gen_start: int  # first code position; == L when the doc has no codes
+    pixels: np.ndarray | None = None
+    source: int = 0  # index of the source within its task
+    pos: tuple[int, int] = (0, 0)  # where the stream found it (slice number, offset)
+    seq: int = 0  # arrival number in its source's buffer
+    arrived: int = 0  # packing step at which it entered the buffer
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class SourceBuffer:
+    """Look-ahead documents of one source: sorted by length for best fit, and by arrival."""
+
+    def __init__(self) -> None:
+        self.lens: list[tuple[int, int]] = []  # (length, seq), sorted
+        self.docs: dict[int, Doc] = {}  # seq -> doc
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def add(self, doc: Doc) -> None:
+        bisect.insort(self.lens, (len(doc), doc.seq))
+        self.docs[doc.seq] = doc
+
+    def remove(self, doc: Doc) -> None:
+        i = bisect.bisect_left(self.lens, (len(doc), doc.seq))
+        del self.lens[i]
+        del self.docs[doc.seq]
+
+    def shortest(self) -> int:
+        return self.lens[0][0]
+
+    def longest_at_most(self, n: int) -> Doc | None:
+        i = bisect.bisect_right(self.lens, (n, 1 << 62)) - 1
+        return self.docs[self.lens[i][1]] if i >= 0 else None
+
+    def oldest(self) -> Doc:
+        return self.docs[min(self.docs)]
+
+
+class TaskPacker:
+    """Packs one task's documents on one rank; `pull(source)` returns that source's next doc."""
+
+    def __init__(
+        self,
+        weights: list[float],
+        seq_len: int,
+        pull: Callable[[int], Doc],
+        lookahead: int = 64,
+        max_wait_steps: int = 4,
+        max_period: int = 64,
+    ) -> None:
+        self.seq_len = seq_len
+        self.pull = pull
+        self.lookahead = lookahead
+        self.max_wait_steps = max_wait_steps
+        self.blender = SourceBlender(weights, max_period=max_period)
+        self.buffers = [SourceBuffer() for _ in weights]
+        self.next_seq = [0] * len(weights)
+
+    def _fill(self, s: int, step: int) -> None:
+        buf = self.buffers[s]
+        while len(buf) < self.lookahead:
+            doc = self.pull(s)
+            doc.source, doc.seq, doc.arrived = s, self.next_seq[s], step
+            self.next_seq[s] += 1
+            buf.add(doc)
+
+    def pack(self, num_rows: int, step: int) -> list[list[Doc]]:
+        """Fill `num_rows` rows for training step `step`."""
+        rows: list[list[Doc]] = [[] for _ in range(num_rows)]
+        free: list[tuple[int, int]] = [(self.seq_len, r) for r in range(num_rows)]
+        placed: list[tuple[Doc, int]] = []
+        while free:
+            s = self.blender.peek()
+            self._fill(s, step)
+            buf = self.buffers[s]
+            oldest = buf.oldest()
+            if step - oldest.arrived >= self.max_wait_steps:
+                i = bisect.bisect_left(free, (len(oldest), -1))
+                doc = oldest
+            else:
+                i = bisect.bisect_left(free, (buf.shortest(), -1))
+                doc = None
+            if i == len(free):
+                break
+            room, r = free.pop(i)
+            if doc is None:
+                doc = buf.longest_at_most(room)
+            assert doc is not None
+            buf.remove(doc)
+            self.blender.advance(s)
+            rows[r].append(doc)
+            placed.append((doc, r))
+            if room - len(doc) > 0:
+                bisect.insort(free, (room - len(doc), r))
+        period = self.blender.period
+        if period and len(placed) >= period:
+            for doc, r in reversed(placed[len(placed) - len(placed) % period :]):
+                rows[r].pop()
+                self.buffers[doc.source].add(doc)
+                self.blender.undo(doc.source)
+        return rows
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "blender": self.blender.state_dict(),
+            "next_seq": list(self.next_seq),
+            "buffers": [
+                [[list(d.pos), d.seq, d.arrived] for d in sorted(b.docs.values(), key=lambda d: d.seq)] for b in self.buffers
+            ],
+        }
+
+    def load_state_dict(self, sd: dict[str, Any], fetch: Callable[[int, list[tuple[int, int]]], list[Doc]]) -> None:
+        """Restore; `fetch(source, positions)` re-reads the buffered documents."""
+        self.blender.load_state_dict(sd["blender"])
+        self.next_seq = list(sd["next_seq"])
+        self.buffers = [SourceBuffer() for _ in self.buffers]
+        for s, entries in enumerate(sd["buffers"]):
+            docs = fetch(s, [tuple(e[0]) for e in entries])
+            for doc, (_, seq, arrived) in zip(docs, entries):
+                doc.source, doc.seq, doc.arrived = s, seq, arrived
+                self.buffers[s].add(doc)
+
+
+# ---- rows -> PackedBatch --------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    task: int
+    docs: list[Doc] = field(default_factory=list)
+
+
+def collate(
+    rows: list[Row],
+    seq_len: int,
+    pad_id: int,
+    image_token_id: int,
+    source_names: dict[int, list[str]] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> PackedBatch:
+    """Lay the rows' documents end to end and build every PackedBatch field."""
+    n_rows = len(rows)
+    total = n_rows * seq_len
+    ids = np.full(total, pad_id, dtype=np.int64)
+    target = np.zeros(total, dtype=bool)
+    gen = np.zeros(total, dtype=bool)
+    bounds = [0]
+    pixels: list[np.ndarray] = []
+    keys: list[list[str]] = []
+    sources: list[list[str]] = []
+    for r, row in enumerate(rows):
+        p = r * seq_len
+        row_keys, row_sources = [], []
+        for d in row.docs:
+            n = len(d)
+            ids[p : p + n] = d.ids
+            target[p : p + n] = d.target
+            if d.gen_start < n:
+                gen[p + d.gen_start : p + n] = True
+            if d.pixels is not None:
+                pixels.append(d.pixels)
+            row_keys.append(d.key)
+            row_sources.append(source_names[d.task][d.source] if source_names else str(d.source))
+            p += n
+            bounds.append(p)
+        if p > (r + 1) * seq_len:
+            raise ValueError(f"row {r} holds {p - r * seq_len} tokens > seq_len {seq_len}")
+        if p < (r + 1) * seq_len:
+            bounds.append((r + 1) * seq_len)
+        keys.append(row_keys)
+        sources.append(row_sources)
+    cu = np.asarray(bounds, dtype=np.int64)
+    lengths = np.diff(cu)
+    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lengths)
+    labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
+    # BOS and padding are never targets, so a shifted label never crosses a document.
+    labels[:-1] = np.where(target[1:], ids[1:], IGNORE_INDEX)
+    row_task = np.repeat(np.asarray([row.task for row in rows], dtype=np.int64), seq_len)
+    loss_task = np.where(labels != IGNORE_INDEX, row_task, NO_TASK)
+    und = (ids == image_token_id) & (row_task == TASK_ID["und"])
+    pix = normalize_siglip(torch.from_numpy(np.concatenate(pixels))) if pixels else None
+    shape = (n_rows, seq_len)
+    out_meta = {
+        "keys": keys,
+        "sources": sources,
+        "row_tasks": [TASKS[row.task] for row in rows],
+        "num_docs": sum(len(row.docs) for row in rows),
+        "pad_tokens": int(total - sum(len(d) for row in rows for d in row.docs)),
+    }
+    if meta:
+        out_meta.update(meta)
+    return PackedBatch(
+        input_ids=torch.from_numpy(ids).view(shape),
+        position_ids=torch.from_numpy(positions).view(shape),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+        max_seqlen=int(lengths.max()),
+        labels=torch.from_numpy(labels).view(shape),
+        loss_task=torch.from_numpy(loss_task).view(shape),
+        gen_input_mask=torch.from_numpy(gen).view(shape),
+        und_image_mask=torch.from_numpy(und).view(shape),
+        und_pixel_values=pix,
+        meta=out_meta,
+    )

@@ -1,0 +1,251 @@
+"""WebDataset shard directories with energon's index: making them energon datasets, and
+random access to samples by (shard, index).
+
+A dataset directory holds `*.tar` shards and `.nv-meta/` as written by `energon prepare`:
+`.info.json` (samples per shard), `split.yaml`, `dataset.yaml` (CrudeWebdataset), and a
+`<shard>.tar.idx` next to each shard (uint64 byte offset of every sample start, plus the end).
+We read those offsets to seek straight to any sample, which is what makes exact resume and
+re-reading the packer's look-ahead buffer cheap. Our own `.nv-meta/janus_dataset.json` records
+the task and source the builder wrote.
+
+Tar members are parsed here rather than with `tarfile`: a sample's bytes are read in one call
+and the 512-byte ustar headers are decoded directly, which is several times faster per member
+than `tarfile`'s object model (it matters at >20k gen samples/s). pax and GNU long-name
+headers are understood, so shards written by other tools read too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from janus_train.data.formats import SampleError
+
+log = logging.getLogger(__name__)
+
+META_DIR = ".nv-meta"
+JANUS_META = "janus_dataset.json"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # path relative to the dataset root, as energon records it
+    path: str  # absolute path
+    count: int
+
+
+def dataset_shards(root: str | Path) -> list[ShardInfo]:
+    """Shards of an energon-prepared dataset, in the order of its `.info.json`."""
+    root = Path(root)
+    meta = root / META_DIR
+    info_json, info_yaml = meta / ".info.json", meta / ".info.yaml"
+    if info_json.is_file():
+        info = json.loads(info_json.read_text())
+    elif info_yaml.is_file():
+        import yaml
+
+        info = yaml.safe_load(info_yaml.read_text())
+    else:
+        raise FileNotFoundError(
+            f"{root}: no {META_DIR}/.info.json; build it with `python -m data_pipelines.build_shards` "
+            f"or run `energon prepare {root} --non-interactive --split-ratio 1,0,0 --sample-type CrudeWebdataset`"
+        )
+    counts = info.get("shard_counts") or {}
+    if not counts:
+        raise ValueError(f"{root}: {META_DIR}/.info.json lists no shards")
+    return [ShardInfo(name=name, path=str(root / name), count=int(n)) for name, n in counts.items() if int(n) > 0]
+
+
+def read_janus_meta(root: str | Path) -> dict[str, Any]:
+    p = Path(root) / META_DIR / JANUS_META
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def write_janus_meta(root: str | Path, meta: dict[str, Any]) -> None:
+    p = Path(root) / META_DIR / JANUS_META
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_energon(root: str | Path, workers: int = 1, progress: bool = False) -> None:
+    """Make `root` an energon dataset (what `energon prepare --split-ratio 1,0,0
+    --sample-type CrudeWebdataset --non-interactive` does), programmatically."""
+    import yaml
+    from megatron.energon.flavors.webdataset.prepare import WebdatasetPreparator
+
+    root = Path(root)
+    tars = sorted(str(p.relative_to(root)) for p in root.glob("**/*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"{root}: no .tar shards to index")
+
+    def progress_fn(items, total=None):
+        if not progress:
+            return items
+        from tqdm import tqdm
+
+        return iter(tqdm(items, total=total, desc="energon index", unit="shard"))
+
+    WebdatasetPreparator.prepare_dataset(
+        root,
+        tars,
+        split_parts_ratio=[("train", 1.0), ("val", 0.0), ("test", 0.0)],
+        shuffle_seed=None,
+        progress_fn=progress_fn,
+        workers=max(1, workers),
+    )
+    with open(root / META_DIR / "dataset.yaml", "w") as f:
+        yaml.safe_dump({"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}, f, sort_keys=False)
+
+
+def sample_offsets(shard_path: str) -> np.ndarray:
+    """uint64 [count+1]: byte offset of each sample start, then the end of the last sample."""
+    return np.fromfile(shard_path + ".idx", dtype="<u8")
+
+
+# ---- reading samples ----------------------------------------------------------------------
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if not field:
+        return 0
+    if field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
+    return int(field, 8)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        length = int(data[pos:sp])
+        key, _, value = data[sp + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """energon's rule: the key is the path up to the first dot of the file name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return None
+    return name[:dot], name[dot + 1 :]
+
+
+def parse_sample(buf: bytes | memoryview) -> tuple[str, dict[str, bytes]]:
+    """Members of one sample's tar bytes -> (key, {part: bytes}). Raises SampleError."""
+    mv = memoryview(buf)
+    n = len(mv)
+    pos = 0
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while pos + 512 <= n:
+        header = bytes(mv[pos : pos + 512])
+        if header == b"\0" * 512:
+            break  # end-of-archive marker
+        try:
+            size = _octal(header[124:136])
+            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SampleError("bad_tar", f"unreadable header at byte {pos}: {e}") from None
+        typeflag = header[156:157]
+        start = pos + 512
+        end = start + size
+        if end > n:
+            raise SampleError("truncated_tar", f"member {name!r} needs {end - n} more bytes")
+        pos = start + ((size + 511) // 512) * 512
+        if typeflag == b"x":
+            pax = _pax_records(bytes(mv[start:end]))
+            continue
+        if typeflag == b"L":
+            long_name = bytes(mv[start:end]).split(b"\0", 1)[0].decode("utf-8")
+            continue
+        if typeflag not in (b"0", b"\0", b"7"):
+            continue  # directories, links, global pax headers
+        if long_name is not None:
+            name, long_name = long_name, None
+        elif prefix:
+            name = prefix + "/" + name
+        if pax:
+            name = pax.get("path", name)
+            if "size" in pax:
+                raise SampleError("bad_tar", "pax size overrides are not supported")
+            pax = {}
+        split = split_member_name(name)
+        if split is None:
+            continue
+        k, part = split
+        if k.rsplit("/", 1)[-1].startswith("__"):
+            continue  # webdataset/energon meta files
+        if key is None:
+            key = k
+        parts[part] = bytes(mv[start:end])
+    if key is None:
+        if n and pos + 512 > n and pos < n:
+            raise SampleError("truncated_tar", "sample ends inside a header")
+        raise SampleError("bad_tar", "no members in sample")
+    return key, parts
+
+
+@dataclass
+class RawSample:
+    index: int  # sample index in the shard
+    key: str
+    parts: dict[str, bytes] | None
+    error: SampleError | None = None
+
+
+class ShardReader:
+    """Reads samples of one dataset's shards by index; keeps offsets and files cached."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[str, np.ndarray] = {}
+
+    def offsets(self, shard_path: str) -> np.ndarray:
+        off = self._offsets.get(shard_path)
+        if off is None:
+            off = sample_offsets(shard_path)
+            if len(self._offsets) > 4096:
+                self._offsets.clear()
+            self._offsets[shard_path] = off
+        return off
+
+    def read(self, shard_path: str, start: int, stop: int, wanted: Callable[[int], bool] | None = None) -> list[RawSample]:
+        """Samples start..stop-1 of a shard; damaged ones carry `error` instead of parts."""
+        try:
+            off = self.offsets(shard_path)
+            with open(shard_path, "rb") as f:
+                f.seek(int(off[start]))
+                data = f.read(int(off[stop]) - int(off[start]))
+        except FileNotFoundError as e:
+            err = SampleError("missing_shard", str(e))
+            return [RawSample(i, f"{Path(shard_path).name}#{i}", None, err) for i in range(start, stop)]
+        base = int(off[start])
+        mv = memoryview(data)
+        out: list[RawSample] = []
+        for i in range(start, stop):
+            if wanted is not None and not wanted(i):
+                continue
+            a, b = int(off[i]) - base, int(off[i + 1]) - base
+            fallback_key = f"{Path(shard_path).name}#{i}"
+            if a >= len(data):
+                out.append(RawSample(i, fallback_key, None, SampleError("truncated_tar", "shard ends before sample")))
+                continue
+            try:
+                key, parts = parse_sample(mv[a:b])
+                if b > len(data):
+                    raise SampleError("truncated_tar", "shard ends inside the sample")
+                out.append(RawSample(i, key, parts))
+            except SampleError as e:
+                out.append(RawSample(i, fallback_key, None, e))
+        return out

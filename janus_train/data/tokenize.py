@@ -1,0 +1,248 @@
+"""Raw samples -> tokenised documents (`packing.Doc`), with the Janus chat format.
+
+  und   BOS + rendered conversation; the image slot is BOI + IMAGE_TOKEN x N + EOI (N from the
+        model). Loss on the assistant segments (answer + EOS) only.
+  text  BOS + text + EOS, loss on every next token. A chat-JSON text sample renders like und
+        without images, loss on the assistant segments.
+  gen   BOS + tokens of `gen_prompt(caption)` (ends with <begin_of_image>) + the N VQ codes.
+        The BOI position predicts code 0, code k predicts code k+1; no loss on the prompt.
+
+Segments are tokenised one by one (`conversation.render_conversation`), so loss masks follow
+segment boundaries exactly; the gen prompt has no loss and is tokenised as one string, exactly
+as inference tokenises it. BOS is prepended here from the tokenizer's bos id.
+
+CFG condition dropout: with probability p, decided by a hash of (seed, sample key) so it is
+the same on every rank, worker and resume, a gen prompt keeps BOS and the final
+<begin_of_image> and every token between becomes the pad id. That is exactly DeepSeek's
+unconditional row at sampling time (`tokens[1:-1] = pad_id`), so the model learns the very
+sequence CFG feeds it; an empty caption would instead give "<|User|>: \\n\\n<|Assistant|>:",
+which the sampler never shows the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from janus_train.data import conversation as conv
+from janus_train.data import formats as fmt
+from janus_train.data.batch import TASK_ID
+from janus_train.data.packing import Doc
+from janus_train.data.preprocess import open_rgb, und_resize_pad
+
+
+def tokenizer_fingerprint(backend: Any) -> str:
+    """A short hash of a `tokenizers.Tokenizer` (vocab, merges, special tokens)."""
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+
+
+@dataclass
+class TokenizerInfo:
+    """What the data path needs from a tokenizer; picklable (goes to worker processes)."""
+
+    backend: Any  # tokenizers.Tokenizer
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    image_id: int
+    boi_id: int
+    eoi_id: int
+    fingerprint: str
+
+    @classmethod
+    def from_hf(cls, tokenizer: Any) -> "TokenizerInfo":
+        """From a transformers fast tokenizer (or a path to load one from)."""
+        if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; the data path needs one")
+        ids = {}
+        for name, tok in (
+            ("bos", conv.BOS_TOKEN),
+            ("eos", conv.EOS_TOKEN),
+            ("pad", conv.PAD_TOKEN),
+            ("image", conv.IMAGE_TOKEN),
+            ("boi", conv.BOI_TOKEN),
+            ("eoi", conv.EOI_TOKEN),
+        ):
+            i = backend.token_to_id(tok)
+            if i is None:
+                raise ValueError(f"tokenizer has no {tok!r} token ({name}); is it a Janus tokenizer?")
+            ids[f"{name}_id"] = int(i)
+        return cls(backend=backend, fingerprint=tokenizer_fingerprint(backend), **ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+
+def cfg_dropped(seed: int, key: str, p: float) -> bool:
+    """Whether sample `key`'s caption is dropped; a pure function of (seed, key)."""
+    if p <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64 < p
+
+
+@dataclass
+class DocBuilder:
+    """Turns one raw sample of a task into a Doc; raises formats.SampleError to skip it."""
+
+    tok: TokenizerInfo
+    seq_len: int
+    num_image_tokens: int  # und tokens per image
+    image_size: int  # und image side
+    num_gen_tokens: int | None = None  # codes per gen image (checked when given)
+    codebook_size: int | None = None
+    seed: int = 0
+    cfg_dropout: float = 0.1
+    truncation: str = "truncate"
+    system_prompt: str | None = conv.DEFAULT_SYSTEM_PROMPT
+    jpeg_draft: bool = False
+
+    def __post_init__(self) -> None:
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str, cache: bool) -> list[int]:
+        if not cache:
+            return self.tok.encode(text)
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self.tok.encode(text)
+            if len(self._cache) < 1024:
+                self._cache[text] = ids
+        return ids
+
+    # ---- conversations (und, chat text) ---------------------------------------------------
+    def _conversation(self, segments: list[conv.Segment]) -> tuple[list[int], list[bool]]:
+        ids = [self.tok.bos_id]
+        target = [False]
+        image_slot = [self.tok.boi_id] + [self.tok.image_id] * self.num_image_tokens + [self.tok.eoi_id]
+        for seg in segments:
+            if seg.image:
+                part = image_slot
+            else:
+                # Template pieces ("<|User|>: ", "\n\n", the system prompt) repeat: cache them.
+                part = self._ids(seg.text, cache=not seg.loss and len(seg.text) < 512)
+            ids.extend(part)
+            target.extend([seg.loss] * len(part))
+        return ids, target
+
+    def _finish_text_like(self, key: str, task: str, ids: list[int], target: list[bool], protect: int = 0) -> Doc:
+        """Apply the length rule; `protect` = tokens that must stay whole (the image slot)."""
+        if len(ids) > self.seq_len:
+            keeps_target = any(target[protect : self.seq_len])
+            if self.truncation == "drop" or protect > self.seq_len or not keeps_target:
+                raise fmt.SampleError("too_long", f"{len(ids)} tokens > seq_len {self.seq_len}")
+            ids, target = ids[: self.seq_len], target[: self.seq_len]
+        arr = np.asarray(ids, dtype=np.int32)
+        return Doc(key=key, task=TASK_ID[task], ids=arr, target=np.asarray(target, dtype=bool), gen_start=len(arr))
+
+    def und(self, key: str, parts: dict[str, bytes]) -> Doc:
+        obj = fmt.parse_json(parts.get("json"))
+        turns = fmt.get_conversation(obj)
+        raw = fmt.image_part(parts)
+        if raw is None:
+            raise fmt.SampleError("missing_key", "und sample has no image part")
+        slots = sum(t["content"].count(conv.IMAGE_SLOT) for t in turns)
+        if any(conv.IMAGE_SLOT in t["content"] for t in turns if t["role"] == "assistant"):
+            raise fmt.SampleError("bad_conversation", "image slot in an assistant turn")
+        if slots == 0:
+            first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
+            if first_user is None:
+                raise fmt.SampleError("bad_conversation", "no user turn")
+            turns[first_user] = {"role": "user", "content": conv.IMAGE_SLOT + "\n" + turns[first_user]["content"]}
+        elif slots > 1:
+            raise fmt.SampleError("bad_conversation", f"{slots} image slots for 1 image")
+        try:
+            img = open_rgb(raw, self.image_size if self.jpeg_draft else None)
+            pixels = und_resize_pad(img, self.image_size)
+        except Exception as e:  # PIL raises many types for bad data
+            raise fmt.SampleError("bad_image", f"{type(e).__name__}: {e}"[:200]) from None
+        system = obj.get("system", self.system_prompt)
+        try:
+            segments = conv.render_conversation(turns, self.num_image_tokens, system=system or None)
+        except ValueError as e:
+            raise fmt.SampleError("bad_conversation", str(e)) from None
+        ids, target = self._conversation(segments)
+        n_img = ids.count(self.tok.image_id)
+        if n_img != self.num_image_tokens:
+            # e.g. a literal "<image_placeholder>" in the text would desync images and slots
+            raise fmt.SampleError("bad_conversation", f"{n_img} image tokens, expected {self.num_image_tokens}")
+        slot_end = ids.index(self.tok.eoi_id) + 1
+        doc = self._finish_text_like(key, "und", ids, target, protect=slot_end)
+        doc.pixels = pixels[None]
+        return doc
+
+    def text(self, key: str, parts: dict[str, bytes]) -> Doc:
+        if "txt" in parts:
+            try:
+                text = parts["txt"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise fmt.SampleError("bad_text", str(e)[:200]) from None
+            obj = None
+        else:
+            obj = fmt.parse_json(parts.get("json"))
+            text = obj.get("text")
+        if obj is not None and text is None:
+            turns = fmt.get_conversation(obj)
+            if any(conv.IMAGE_SLOT in t["content"] for t in turns):
+                raise fmt.SampleError("bad_conversation", "image slot in a text sample")
+            segments = conv.render_conversation(turns, 0, system=obj.get("system"))
+            ids, target = self._conversation(segments)
+            return self._finish_text_like(key, "text", ids, target)
+        if not isinstance(text, str) or not text.strip():
+            raise fmt.SampleError("empty_text", "no text")
+        body = self.tok.encode(text)
+        ids = [self.tok.bos_id] + body + [self.tok.eos_id]
+        target = [False] + [True] * (len(body) + 1)
+        return self._finish_text_like(key, "text", ids, target)
+
+    # ---- generation -------------------------------------------------------------------------
+    def gen(self, key: str, parts: dict[str, bytes]) -> Doc:
+        obj = fmt.parse_json(parts.get("json"))
+        caption = fmt.get_caption(obj)
+        raw_codes = parts.get(fmt.CODES_PART)
+        if raw_codes is None:
+            raise fmt.SampleError("missing_key", "gen sample has no codes.npy (run data_pipelines.pretokenize_vq)")
+        codes = fmt.load_npy(raw_codes)
+        if codes.ndim != 1 or codes.dtype.kind not in "iu":
+            raise fmt.SampleError("bad_codes", f"codes must be a 1-d integer array, got {codes.dtype}{list(codes.shape)}")
+        if self.num_gen_tokens is not None and codes.shape[0] != self.num_gen_tokens:
+            raise fmt.SampleError("bad_codes", f"{codes.shape[0]} codes, the model uses {self.num_gen_tokens}")
+        if self.codebook_size is not None and codes.size and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise fmt.SampleError("bad_codes", f"codes outside [0, {self.codebook_size})")
+        stored = parts.get(fmt.PROMPT_IDS_PART)
+        if stored is not None and obj.get("prompt_tokenizer") == self.tok.fingerprint:
+            prompt = fmt.load_npy(stored)
+        else:
+            prompt = np.asarray(self.tok.encode(conv.gen_prompt(caption)), dtype=np.int32)
+        n_prompt = 1 + prompt.shape[0]
+        n = n_prompt + codes.shape[0]
+        if n > self.seq_len:
+            raise fmt.SampleError("too_long", f"{n} tokens > seq_len {self.seq_len} (gen documents are never cut)")
+        ids = np.empty(n, dtype=np.int32)
+        ids[0] = self.tok.bos_id
+        ids[1:n_prompt] = prompt
+        ids[n_prompt:] = codes
+        if ids[n_prompt - 1] != self.tok.boi_id:
+            raise fmt.SampleError("bad_codes", "stored prompt ids do not end with <begin_of_image>")
+        if cfg_dropped(self.seed, key, self.cfg_dropout):
+            ids[1 : n_prompt - 1] = self.tok.pad_id
+        target = np.zeros(n, dtype=bool)
+        target[n_prompt:] = True
+        return Doc(key=key, task=TASK_ID["gen"], ids=ids, target=target, gen_start=n_prompt)
+
+    def build(self, task: str, key: str, parts: dict[str, bytes]) -> Doc:
+        if task == "und":
+            return self.und(key, parts)
+        if task == "text":
+            return self.text(key, parts)
+        if task == "gen":
+            return self.gen(key, parts)
+        raise ValueError(f"unknown task {task!r}")
