@@ -1,0 +1,141 @@
+"""Synthetic Janus documents and packed batches (no tokenizer, no images on disk).
+
+The documents have the shape of real ones, with random ids:
+  und   BOS, prompt, <image_placeholder> x num_image_tokens, question, answer; loss on the answer
+  text  plain tokens; loss on every next token
+  gen   BOS, caption, then num_image_tokens VQ codes; loss on the codes (predicted from the
+        position before each code)
+Used by the TP / attention / checkpointing tests, the train-step benchmark and the memory-plan
+cross-check, so all of them exercise the same mixed und/text/gen rows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from janus_train.data.batch import IGNORE_INDEX, NO_TASK, TASK_ID, Document, PackedBatch, batch_from_rows
+from janus_train.models.janus.config import JanusConfig
+
+PAD_ID = 0
+BOS_ID = 1
+# Random text ids avoid these reserved ids; the image placeholder is the last vocabulary id.
+FIRST_TEXT_ID = 4
+
+
+def image_token_id(cfg: JanusConfig) -> int:
+    return cfg.image_token_id if cfg.image_token_id is not None else cfg.llm.vocab_size - 1
+
+
+def _ids(rng: random.Random, n: int, cfg: JanusConfig) -> list[int]:
+    hi = min(cfg.llm.vocab_size, image_token_id(cfg)) - 1
+    return [rng.randint(FIRST_TEXT_ID, hi) for _ in range(n)]
+
+
+def text_doc(rng: random.Random, cfg: JanusConfig, n: int, key: str = "text") -> Document:
+    ids = [BOS_ID] + _ids(rng, n - 1, cfg)
+    return Document(
+        input_ids=ids,
+        labels=ids[1:] + [IGNORE_INDEX],
+        loss_task=[TASK_ID["text"]] * (n - 1) + [NO_TASK],
+        gen_mask=[False] * n,
+        und_mask=[False] * n,
+        key=key,
+    )
+
+
+def und_doc(rng: random.Random, cfg: JanusConfig, prompt_len: int, answer_len: int, key: str = "und") -> Document:
+    n_img = cfg.num_image_tokens
+    img = image_token_id(cfg)
+    q = max(prompt_len - 1, 2)
+    prompt = [BOS_ID] + _ids(rng, q // 2, cfg) + [img] * n_img + _ids(rng, q - q // 2, cfg)
+    answer = _ids(rng, answer_len, cfg)
+    ids = prompt + answer
+    n = len(ids)
+    labels = [IGNORE_INDEX] * n
+    task = [NO_TASK] * n
+    for i in range(len(prompt) - 1, n - 1):
+        labels[i] = ids[i + 1]
+        task[i] = TASK_ID["und"]
+    g = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    size = cfg.vision.image_size
+    image = torch.rand(3, size, size, generator=g) * 2 - 1
+    return Document(ids, labels, task, [False] * n, [t == img for t in ids], [image], key)
+
+
+def gen_doc(rng: random.Random, cfg: JanusConfig, caption_len: int, key: str = "gen") -> Document:
+    n_codes = cfg.num_image_tokens
+    prompt = [BOS_ID] + _ids(rng, caption_len, cfg)
+    codes = [rng.randrange(cfg.vq.codebook_size) for _ in range(n_codes)]
+    ids = prompt + codes
+    n = len(ids)
+    labels = [IGNORE_INDEX] * n
+    task = [NO_TASK] * n
+    for k, c in enumerate(codes):
+        labels[len(prompt) - 1 + k] = c
+        task[len(prompt) - 1 + k] = TASK_ID["gen"]
+    return Document(ids, labels, task, [False] * len(prompt) + [True] * n_codes, [False] * n, [], key)
+
+
+@dataclass
+class DocMix:
+    """Document-length ranges (uniform) and the und:text:gen document ratio."""
+
+    ratio: tuple[int, int, int] = (2, 3, 5)  # Janus-Pro stage 2
+    und_prompt: tuple[int, int] = (8, 32)
+    und_answer: tuple[int, int] = (8, 64)
+    text_len: tuple[int, int] = (32, 256)
+    gen_caption: tuple[int, int] = (8, 48)
+
+
+def make_documents(cfg: JanusConfig, num_docs: int, seed: int = 0, mix: DocMix | None = None, max_len: int | None = None) -> list[Document]:
+    """`num_docs` documents cycling und/text/gen in `mix.ratio`, lengths capped at max_len."""
+    mix = mix or DocMix()
+    rng = random.Random(seed)
+    pattern = ["und"] * mix.ratio[0] + ["text"] * mix.ratio[1] + ["gen"] * mix.ratio[2]
+    docs: list[Document] = []
+    for i in range(num_docs):
+        kind = pattern[i % len(pattern)]
+        if kind == "und":
+            d = und_doc(rng, cfg, rng.randint(*mix.und_prompt), rng.randint(*mix.und_answer), key=f"und{i}")
+        elif kind == "text":
+            n = rng.randint(*mix.text_len)
+            d = text_doc(rng, cfg, min(n, max_len) if max_len else n, key=f"text{i}")
+        else:
+            d = gen_doc(rng, cfg, rng.randint(*mix.gen_caption), key=f"gen{i}")
+        if max_len is not None and len(d) > max_len:
+            raise ValueError(f"document {d.key} has {len(d)} tokens > seq_len {max_len}; raise --seq-len")
+        docs.append(d)
+    return docs
+
+
+def pack_first_fit(docs: list[Document], seq_len: int) -> list[list[Document]]:
+    """Pack documents into rows of `seq_len` (first-fit decreasing); order inside rows is stable."""
+    rows: list[list[Document]] = []
+    free: list[int] = []
+    for d in sorted(docs, key=len, reverse=True):
+        for i, room in enumerate(free):
+            if len(d) <= room:
+                rows[i].append(d)
+                free[i] -= len(d)
+                break
+        else:
+            rows.append([d])
+            free.append(seq_len - len(d))
+    return rows
+
+
+def mixed_batch(cfg: JanusConfig, seq_len: int, num_docs: int, seed: int = 0, mix: DocMix | None = None) -> tuple[PackedBatch, list[Document]]:
+    """A packed batch of `num_docs` mixed documents (and the documents, for unpacked baselines)."""
+    docs = make_documents(cfg, num_docs, seed, mix, max_len=seq_len)
+    batch = batch_from_rows(pack_first_fit(docs, seq_len), seq_len, pad_id=PAD_ID)
+    batch.validate(cfg.num_image_tokens)
+    return batch, docs
+
+
+def rows_batch(cfg: JanusConfig, rows: list[list[Document]], seq_len: int) -> PackedBatch:
+    batch = batch_from_rows(rows, seq_len, pad_id=PAD_ID)
+    batch.validate(cfg.num_image_tokens)
+    return batch
