@@ -1,0 +1,33 @@
+"""Read the whole model weights out of a training run or checkpoint (for convert/export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from janus_train.checkpoint.manager import complete_checkpoints, read_meta
+from janus_train.models.janus.config import JanusConfig
+from janus_train.models.janus.loading import CheckpointError, read_checkpoint
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run dir, its checkpoints/ dir, or one step_* checkpoint -> the step checkpoint to use."""
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        found = complete_checkpoints(root) if root.is_dir() else []
+        if found:
+            return found[-1][1]
+    if read_meta(p) is not None:
+        return p
+    raise CheckpointError(f"{path}: no complete training checkpoint (run dir, checkpoints/ or step_* with meta.json)")
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[JanusConfig, dict[str, torch.Tensor], Path]:
+    """(config, native state dict, directory holding the tokenizer files)."""
+    ckpt = resolve_checkpoint_dir(path)
+    model_dir = ckpt / "model"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{ckpt}: has no model/ directory")
+    cfg, sd = read_checkpoint(model_dir, "native")
+    return cfg, sd, model_dir

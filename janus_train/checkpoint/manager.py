@@ -1,0 +1,220 @@
+"""Training checkpoints that survive crashes: complete or invisible, never half.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step_00000040/            one complete checkpoint (the name is the global step)
+      ds/                     DeepSpeed engine state: module, ZeRO-partitioned optimizer, lr schedule
+      model/                  whole fp32 weights in janus-train's native format (+ tokenizer files):
+                              exportable to HF, and the hand-over between stages/topologies
+      loader/rank_00000.json  each data-parallel rank's loader state (incl. the mixer's)
+      rng/rank_00000.pt       each rank's python/numpy/torch RNG states
+      meta.json               written last: step, stage, topology, timestamps
+    latest                    name of the newest complete checkpoint (a hint; a scan decides)
+    .tmp-step_00000060-XXXX/  a save in progress: never resumed from, removed at next start
+
+A save writes everything into the temporary directory, then renames it into place; the rename
+is the commit. `kill -9` at any moment leaves either the old set of complete checkpoints or the
+new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from janus_train.parallel.distributed import barrier, broadcast_object
+
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class CheckpointMeta:
+    step: int  # global optimizer steps completed (across stages)
+    stage: int  # stage index (1..3) these weights belong to
+    stage_step: int  # optimizer steps completed within that stage
+    stage_steps: int  # the stage's planned length (stage_step == stage_steps: stage finished)
+    world_size: int
+    dp_size: int
+    tp: int
+    zero_stage: int
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+    time: float = 0.0
+    complete: bool = True
+
+    @property
+    def stage_finished(self) -> bool:
+        return self.stage_step >= self.stage_steps
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def read_meta(path: Path) -> CheckpointMeta | None:
+    f = path / "meta.json"
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+        return CheckpointMeta(**{k: d[k] for k in CheckpointMeta.__dataclass_fields__ if k in d})
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def complete_checkpoints(root: Path) -> list[tuple[CheckpointMeta, Path]]:
+    """Complete checkpoints under root, oldest first."""
+    out = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX):
+            meta = read_meta(p)
+            if meta is not None and meta.complete:
+                out.append((meta, p))
+    return sorted(out, key=lambda mp: mp[0].step)
+
+
+def find_resume_checkpoint(resume: str, root: Path) -> tuple[CheckpointMeta, Path] | None:
+    """resume=auto: newest complete checkpoint (None if there is none); a path: that one."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():  # a run directory
+            found = complete_checkpoints(path / "checkpoints")
+            if not found:
+                raise FileNotFoundError(f"resume={resume}: no complete checkpoint under {path / 'checkpoints'}")
+            return found[-1]
+        meta = read_meta(path)
+        if meta is None:
+            raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no valid meta.json)")
+        return meta, path
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, dp_rank: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+        self.dp_rank = dp_rank
+
+    def clean_partial(self) -> list[str]:
+        """Remove leftovers of interrupted saves (rank 0, at start)."""
+        removed = []
+        if self.rank == 0 and self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(TMP_PREFIX) or (p.is_dir() and p.name.startswith(PREFIX) and read_meta(p) is None):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p.name)
+        barrier()
+        return removed
+
+    def save(
+        self,
+        engine,
+        meta: CheckpointMeta,
+        loader_state: dict[str, Any] | None,
+        consolidated_fn,
+        write_model_fn,
+        protect: bool = False,
+    ) -> Path:
+        """Collective: every rank calls it. Returns the final checkpoint path."""
+        final = self.root / checkpoint_name(meta.step)
+        tmp_name = broadcast_object(f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None)
+        tmp = self.root / tmp_name
+        if self.rank == 0:
+            tmp.mkdir(parents=True, exist_ok=False)
+        barrier()
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        sd = consolidated_fn()  # collective; whole weights on rank 0
+        if self.rank == 0:
+            write_model_fn(tmp / "model", sd)
+        (tmp / "loader").mkdir(exist_ok=True)
+        (tmp / "rng").mkdir(exist_ok=True)
+        if loader_state is not None:
+            (tmp / "loader" / f"rank_{self.dp_rank:05d}.json").write_text(json.dumps(loader_state))
+        torch.save(capture_rng(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        barrier()
+        if self.rank == 0:
+            meta.time = time.time()
+            meta_dict = asdict(meta)
+            meta_dict["protect"] = protect
+            (tmp / "meta.json").write_text(json.dumps(meta_dict, indent=2))
+            _fsync_tree(tmp)
+            if final.exists():  # same step saved twice (e.g. signal at a stage end): replace
+                shutil.rmtree(final)
+            tmp.rename(final)
+            latest_tmp = self.root / f"{TMP_PREFIX}latest"
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, self.root / "latest")
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        ckpts = complete_checkpoints(self.root)
+        unprotected = [(m, p) for m, p in ckpts if not json.loads((p / "meta.json").read_text()).get("protect")]
+        for _, p in unprotected[: max(0, len(unprotected) - self.keep_last)]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engine, path: Path, load_optimizer: bool = True) -> None:
+        """DeepSpeed state (module + optimizer + schedule) of a same-topology checkpoint."""
+        loaded, _ = engine.load_checkpoint(
+            str(path),
+            tag="ds",
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+            load_module_strict=True,
+        )
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}/ds")
+
+    def loader_state(self, path: Path, dp_rank: int) -> dict[str, Any] | None:
+        f = path / "loader" / f"rank_{dp_rank:05d}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def rng_state(self, path: Path, rank: int) -> dict[str, Any] | None:
+        f = path / "rng" / f"rank_{rank:05d}.pt"
+        # Our own file, but unpickling still runs no foreign code beyond numpy/torch state objects.
+        return torch.load(f, weights_only=False) if f.is_file() else None

@@ -1,0 +1,72 @@
+"""Every `logging.sample_every` steps: a grid of CFG samples from fixed prompts.
+
+Saved as `<run_dir>/samples/step_XXXXXXXX.png` (one row per prompt) and logged to W&B.
+Under ZeRO-3 the parameters are partitioned, so every rank runs the sampler (the gathers are
+collectives) and rank 0 writes; otherwise rank 0 samples alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes
+from janus_train.training.callbacks import Callback
+
+
+class SampleGrids(Callback):
+    def __init__(self, run_dir, every: int, prompts: list[str], num: int, cfg_weight: float, seed: int, tokenizer, wandb_logger=None):
+        self.dir = Path(run_dir) / "samples"
+        self.every, self.prompts, self.num = every, list(prompts), num
+        self.cfg_weight, self.seed = cfg_weight, seed
+        self.tok = tokenizer
+        self.wandb = wandb_logger
+
+    def on_step_end(self, trainer, stage, record: dict[str, Any]) -> None:
+        if self.every and record["step"] % self.every == 0:
+            self.sample(trainer, record["step"])
+
+    def on_stage_end(self, trainer, stage) -> None:
+        if self.every:
+            self.sample(trainer, trainer.global_step)
+
+    def sample(self, trainer, step: int) -> Path | None:
+        zero3 = trainer.zero_stage == 3
+        if not zero3 and trainer.dist.rank != 0:
+            return None
+        model = trainer.engine.module
+        was_training = model.training
+        model.eval()
+        rows = []
+        try:
+            for prompt in self.prompts:
+                # Same seed per prompt: the grid at step k and step k+n differ only by training.
+                gen = torch.Generator(device=trainer.dist.device).manual_seed(self.seed)
+                with torch.no_grad():
+                    codes = generate_codes(model, self.tok, prompt, self.num, SampleConfig(cfg_weight=self.cfg_weight), generator=gen)
+                with _gathered(model.vq, zero3):
+                    rows.append(np.concatenate(list(codes_to_images(model, codes)), axis=1))
+        finally:
+            model.train(was_training)
+        if trainer.dist.rank != 0:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step_{step:08d}.png"
+        grid = np.concatenate(rows, axis=0)
+        Image.fromarray(grid).save(path)
+        if self.wandb is not None:
+            self.wandb.log_images(step, {"samples/grid": grid})
+        return path
+
+
+def _gathered(module, zero3: bool):
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

@@ -1,0 +1,529 @@
+"""The training run: stages in order, each a DeepSpeed engine over a freshly frozen model.
+
+    run(cfg) -> exit code
+
+Per stage: build the model from the previous stage's (or the init) weights, apply the stage's
+freeze rules, build AdamW + warmup/constant schedule, wrap in DeepSpeed, stream the stage's
+data mix, and loop `train_step`. Checkpoints every N steps, at the stage end (plus an HF
+export), and when SIGTERM/SIGUSR1 arrives. `resume=auto` continues from the newest complete
+checkpoint, bit for bit when the topology is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import resource
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from janus_train.checkpoint.manager import CheckpointManager, CheckpointMeta, find_resume_checkpoint, restore_rng
+from janus_train.logging.metrics import MetricsFile
+from janus_train.logging.mfu import component_sizes, device_peak_flops, step_flops
+from janus_train.models.janus.config import JanusConfig
+from janus_train.models.janus.loading import read_checkpoint, write_checkpoint
+from janus_train.parallel import deepspeed_engine as dse
+from janus_train.parallel.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
+from janus_train.training.config import ConfigError, StageSettings, validate_config
+from janus_train.training.optim import build_optimizer
+from janus_train.training.stages import apply_freeze
+from janus_train.training.step import train_step
+
+log = logging.getLogger("janus_train")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ABORTED = 0, 1, 2, 3
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; the trainer checks it between steps (all ranks agree first)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def _fault(name: str) -> float | None:
+    """Test-only fault injection: JANUS_FAULT=save_sleep:5 sleeps 5 s inside a checkpoint write."""
+    spec = os.environ.get("JANUS_FAULT", "")
+    if spec.startswith(name + ":"):
+        return float(spec.split(":", 1)[1])
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo, stages: list[StageSettings], mpu=None):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.stages = stages
+        self.mpu = mpu
+        self.tp = int(cfg.parallel.tp)
+        if mpu is not None:
+            self.dp_size, self.dp_rank, self.dp_group = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank(), mpu.get_data_parallel_group()
+        else:
+            self.dp_size, self.dp_rank, self.dp_group = dist_info.world_size, dist_info.rank, None
+        self.zero_stage = int(cfg.parallel.zero_stage)
+        self.run_dir = Path(cfg.run_dir)
+        self.dtype = dse.resolve_dtype(cfg.parallel.dtype, dist_info.device)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, dist_info.rank, self.dp_rank)
+        self.stop = StopFlag()
+        self.callbacks: list = []
+        self.engine = None
+        self.loader = None
+        self.global_step = 0
+        self.stage_step = 0
+        self.bad_in_row = 0
+        self.skipped_steps = 0
+        self.model_config = self._model_config()
+        self.sizes = component_sizes(self.model_config)
+        self.peak = device_peak_flops(dist_info.device, cfg.logging.peak_flops)
+        self.tokenizer_dir = self._tokenizer_dir()
+        self.tokenizer = None
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _model_config(self) -> JanusConfig:
+        m = self.cfg.model
+        overrides = dict(OmegaConf.to_container(m.overrides, resolve=True))
+        overrides.update(attention=m.attention, activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
+        cfg = JanusConfig.from_preset(m.preset, overrides)
+        init = self._init_dir()
+        if init is not None:
+            from janus_train.models.janus.loading import read_config
+
+            stored = read_config(init)
+            for part in ("llm", "vision", "vq"):
+                a, b = getattr(stored, part), getattr(cfg, part)
+                for field in a.__dataclass_fields__:
+                    if getattr(a, field) != getattr(b, field):
+                        raise ConfigError(
+                            "model.preset",
+                            f"{m.preset} has {part}.{field}={getattr(b, field)!r} but model.init_from={m.init_from} "
+                            f"holds {getattr(a, field)!r} (pick the matching preset or override it in model.overrides)",
+                        )
+            cfg.image_token_id = stored.image_token_id
+        return cfg
+
+    def _init_dir(self) -> Path | None:
+        init = self.cfg.model.init_from
+        if init is None:
+            return None
+        p = Path(init)
+        if (p / "checkpoints").is_dir() or (p / "meta.json").is_file():
+            from janus_train.checkpoint.export import resolve_checkpoint_dir
+
+            return resolve_checkpoint_dir(p) / "model"
+        return p
+
+    def _tokenizer_dir(self) -> Path:
+        tok = self.cfg.data.tokenizer
+        if tok is not None:
+            return Path(tok)
+        init = self._init_dir()
+        if init is None:
+            raise ConfigError("data.tokenizer", "no tokenizer: set data.tokenizer or model.init_from (a checkpoint with tokenizer files)")
+        return init
+
+    def _build_model(self, weights_dir: Path | None):
+        from janus_train.models.janus.model import JanusModel
+
+        with torch.device("meta"):
+            model = JanusModel(self.model_config)
+        model = model.to_empty(device=self.dist.device).to(self.dtype)
+        sd = None
+        if weights_dir is not None:
+            _, sd = read_checkpoint(weights_dir)
+            from janus_train.models.janus.loading import load_state_into
+
+            load_state_into(model, sd)
+        else:
+            model.init_weights(seed=int(self.cfg.seed))
+        model.train()
+        model.vq.eval()  # frozen; keep it in inference mode
+        return model, sd
+
+    def _data_config(self, stage: StageSettings):
+        from janus_train.data.config import DataConfig
+
+        d = OmegaConf.to_container(self.cfg.data, resolve=True)
+        d.pop("root", None)
+        for task, srcs in stage.sources.items():
+            d[task] = srcs
+        d.update(
+            ratio=list(stage.ratio),
+            global_batch=stage.global_batch,
+            micro_batch_rows=int(self.cfg.train.micro_batch_rows),
+            tokenizer=str(self.tokenizer_dir),
+            # A different order per stage, reproducible from the run's seed.
+            seed=int(d.get("seed", 0)) + 1000 * stage.index,
+        )
+        return DataConfig.from_dict(d)
+
+    def _build_loader(self, stage: StageSettings, state: dict | None):
+        from janus_train.data.loader import build_train_loader
+
+        loader = build_train_loader(self._data_config(stage), self.tokenizer, self.model_config, self.dp_rank, self.dp_size)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+
+    def _setup_callbacks(self) -> None:
+        from janus_train.logging.progress import ProgressBar
+        from janus_train.logging.samples import SampleGrids
+
+        lg = self.cfg.logging
+        wandb_cb = None
+        if self.dist.is_main:
+            self.callbacks.append(MetricsFile(self.run_dir))
+            if lg.wandb.enabled and lg.wandb.mode != "disabled":
+                from janus_train.logging.wandb_logger import WandbLogger
+
+                wandb_cb = WandbLogger(self.run_dir, lg.wandb.project, lg.wandb.mode, lg.wandb.entity, lg.wandb.name, OmegaConf.to_container(self.cfg, resolve=True))
+                self.callbacks.append(wandb_cb)
+            if lg.progress:
+                self.callbacks.append(ProgressBar())
+        if lg.sample_every:
+            self.callbacks.append(SampleGrids(self.run_dir, lg.sample_every, list(lg.sample_prompts), lg.sample_num, lg.sample_cfg, lg.sample_seed, self.tokenizer, wandb_cb))
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def write_status(self, state: str, message: str = "") -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stage = getattr(self, "current_stage", None)
+        status = {
+            "state": state,
+            "step": self.global_step,
+            "stage": stage.index if stage else None,
+            "stage_step": self.stage_step,
+            "skipped_steps": self.skipped_steps,
+            "time": time.time(),
+            "message": message,
+        }
+        tmp = self.run_dir / ".status.json.tmp"
+        tmp.write_text(json.dumps(status, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / "status.json")
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self) -> str:
+        from janus_train.models.janus.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.stop.install()
+        removed = self.ckpt.clean_partial()
+        if removed and self.dist.is_main:
+            log.warning("removed incomplete checkpoint writes: %s", removed)
+        resume = self._resume_point()
+        self._setup_callbacks()
+        self.write_status("running")
+        self._call("on_run_start")
+        weights_dir = self._init_dir()
+        first = self._first_stage_index(resume)
+        for stage in self.stages:
+            if stage.index < first:
+                continue
+            ckpt_state = None
+            if resume is not None:
+                meta, path = resume
+                weights_dir = path / "model"
+                if meta.stage == stage.index and not meta.stage_finished:
+                    ckpt_state = (meta, path)
+                elif meta.stage == stage.index and meta.stage_finished:
+                    resume = None
+                    continue  # this stage is done; the next starts from these weights
+                resume = None
+            state = self._run_stage(stage, weights_dir, ckpt_state)
+            if state != "completed":
+                return state
+            weights_dir = self.last_checkpoint / "model"
+        return "completed"
+
+    def _resume_point(self):
+        found = find_resume_checkpoint(self.cfg.resume, self.ckpt.root)
+        if self.cfg.resume == "none" and self.ckpt.root.is_dir() and any(self.ckpt.root.glob("step_*")):
+            raise ConfigError("resume", f"resume=none but {self.ckpt.root} holds checkpoints; use resume=auto or a new run_dir")
+        if found is not None:
+            meta, path = found
+            self.global_step = meta.step
+            self.skipped_steps = meta.skipped_steps
+            if self.dist.is_main:
+                log.warning("resuming from %s (stage %d, step %d/%d in stage)", path, meta.stage, meta.stage_step, meta.stage_steps)
+        return found
+
+    def _first_stage_index(self, resume) -> int:
+        requested = self.cfg.stage
+        if resume is None:
+            return requested or self.stages[0].index
+        meta = resume[0]
+        if requested is not None and requested < meta.stage:
+            raise ConfigError("stage", f"stage={requested} but the checkpoint to resume is already in stage {meta.stage}; use a new run_dir or resume=none")
+        return max(requested or meta.stage, meta.stage)
+
+    def _run_stage(self, stage: StageSettings, weights_dir: Path | None, ckpt_state) -> str:
+        self.current_stage = stage
+        cfg = self.cfg
+        same_topology = False
+        if ckpt_state is not None:
+            meta = ckpt_state[0]
+            same_topology = (meta.world_size, meta.tp, meta.zero_stage, meta.dp_size) == (self.dist.world_size, self.tp, self.zero_stage, self.dp_size)
+        # Same initial RNG on every rank for a fresh stage (restored below on resume).
+        seed = int(cfg.seed) + stage.index
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        model, full_sd = self._build_model(weights_dir)
+        if self.tp > 1:
+            from janus_train.parallel.tensor_parallel import apply_tensor_parallel
+
+            model = apply_tensor_parallel(model, self.mpu)
+        apply_freeze(model, stage.trainable)
+        opt, sched = build_optimizer(model, stage.lr, cfg.train.optimizer.betas, cfg.train.optimizer.eps, cfg.train.optimizer.weight_decay, stage.warmup_steps)
+        gas = stage.global_batch // (self.dp_size * cfg.train.micro_batch_rows)
+        ds_cfg = dse.deepspeed_config(self.zero_stage, cfg.train.micro_batch_rows, gas, self.dp_size, cfg.train.grad_clip, self.dtype)
+        self.engine = dse.build_engine(model, opt, sched, ds_cfg, self.mpu)
+        if full_sd is not None and self.dtype != torch.float32:
+            dse.set_master_weights(self.engine, full_sd)
+        loader_state = None
+        self.stage_step = 0
+        if ckpt_state is not None:
+            meta, path = ckpt_state
+            self.stage_step = meta.stage_step
+            self.bad_in_row = meta.bad_steps_in_row
+            if same_topology:
+                self.ckpt.load(self.engine, path)
+                rng = self.ckpt.rng_state(path, self.dist.rank)
+                if rng is not None:
+                    restore_rng(rng)
+            elif self.dist.is_main:
+                log.warning(
+                    "topology changed since the checkpoint (world %d->%d, tp %d->%d, zero %d->%d): weights resume exactly, "
+                    "optimizer moments and lr-schedule position restart from this step's lr",
+                    meta.world_size, self.dist.world_size, meta.tp, self.tp, meta.zero_stage, self.zero_stage,
+                )
+            if not same_topology:
+                self._advance_schedule(self.stage_step)
+            loader_state = self.ckpt.loader_state(path, self.dp_rank)
+            if loader_state is None and meta.dp_size != self.dp_size:
+                raise ConfigError("parallel", f"the checkpoint was written with {meta.dp_size} data-parallel ranks, this run has {self.dp_size}; the data loader state cannot be split differently")
+        self.loader = self._build_loader(stage, loader_state)
+        self._call("on_stage_start", stage)
+        try:
+            state = self._loop(stage)
+        finally:
+            self.loader.close()
+        if state == "completed":
+            self.last_checkpoint = self._save(stage, protect=True)
+            if cfg.checkpoint.export_hf:
+                self._export_hf(stage)
+            self._call("on_stage_end", stage)
+        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        self.engine = None
+        return state
+
+    def _advance_schedule(self, steps: int) -> None:
+        sched = self.engine.lr_scheduler
+        for _ in range(steps):
+            sched.step()
+
+    def _loop(self, stage: StageSettings) -> str:
+        cfg = self.cfg
+        touch_all = self.zero_stage == 3
+        trainable = stage.trainable
+        it = iter(self.loader)
+        comm_dev = self.dist.device
+        while self.stage_step < stage.steps:
+            t0 = time.perf_counter()
+            lr = float(self.engine.get_lr()[0])
+            micro_batches = next(it)
+            res = train_step(self.engine, micro_batches, self.dp_size, self.dp_group, self.dist.device, self.dtype, touch_all)
+            if self.dist.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.stage_step += 1
+            self.global_step += 1
+            if res.applied:
+                self.bad_in_row = 0
+            else:
+                self.bad_in_row += 1
+                self.skipped_steps += 1
+            # One small all-reduce: has any rank been asked to stop? skipped samples so far?
+            skipped_local = sum(sum(v.values()) for v in self.loader.stats().get("skipped", {}).values())
+            flags = all_reduce_sum(torch.tensor([float(self.stop.signum is not None), float(skipped_local)], device=comm_dev))
+            stop_requested, skipped_samples = bool(flags[0] > 0), int(flags[1])
+            record = self._record(stage, res, lr, dt, skipped_samples)
+            if self.global_step % cfg.logging.every_steps == 0 or self.stage_step == stage.steps:
+                self._call("on_step_end", stage, record)
+            if self.bad_in_row >= cfg.train.max_bad_steps:
+                raise TrainingAborted(
+                    f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient (last loss {res.loss}, step "
+                    f"{self.global_step}); the update was skipped each time. Lower the learning rate "
+                    f"(train.stages.{stage.name}.lr={stage.lr}) or inspect the data; raise train.max_bad_steps to tolerate more."
+                )
+            if stop_requested:
+                self._save(stage)
+                self.write_status("preempted", "stopped by signal after saving")
+                return "preempted"
+            if self.stage_step < stage.steps and self.global_step % cfg.checkpoint.every_steps == 0:
+                self._save(stage)
+        return "completed"
+
+    def _record(self, stage: StageSettings, res, lr: float, dt: float, skipped_samples: int) -> dict[str, Any]:
+        flops = step_flops(self.model_config, self.sizes, stage.trainable, res.counts)
+        flops_per_s = flops / dt if dt > 0 else None
+        mfu = flops_per_s / (self.dist.world_size * self.peak) if (self.peak and flops_per_s) else None
+        if self.dist.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        else:
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
+        return {
+            "step": self.global_step,
+            "stage": stage.index,
+            "stage_step": self.stage_step,
+            "lr": lr,
+            "loss": res.loss,
+            "loss_und": res.task_loss["und"],
+            "loss_text": res.task_loss["text"],
+            "loss_gen": res.task_loss["gen"],
+            "tokens_und": res.task_tokens["und"],
+            "tokens_text": res.task_tokens["text"],
+            "tokens_gen": res.task_tokens["gen"],
+            "grad_norm": res.grad_norm,
+            "tokens_per_s": res.tokens / dt,
+            "samples_per_s": res.samples / dt,
+            "step_time_s": dt,
+            "model_flops_per_s": flops_per_s,
+            "mfu": mfu,
+            "memory_gib": mem,
+            "skipped_samples": skipped_samples,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_row": self.bad_in_row,
+            "time": time.time(),
+        }
+
+    # ---- checkpoints and exports ------------------------------------------------------------
+    def _tp_gather(self):
+        if self.tp == 1:
+            return None
+        from janus_train.parallel.tensor_parallel import gather_tp_param
+
+        return gather_tp_param
+
+    def _save(self, stage: StageSettings, protect: bool = False) -> Path:
+        meta = CheckpointMeta(
+            step=self.global_step,
+            stage=stage.index,
+            stage_step=self.stage_step,
+            stage_steps=stage.steps,
+            world_size=self.dist.world_size,
+            dp_size=self.dp_size,
+            tp=self.tp,
+            zero_stage=self.zero_stage,
+            bad_steps_in_row=self.bad_in_row,
+            skipped_steps=self.skipped_steps,
+        )
+
+        def consolidated():
+            return dse.consolidated_state_dict(self.engine, torch.float32, self._tp_gather())
+
+        def write_model(path: Path, sd: dict) -> None:
+            sleep = _fault("save_sleep")
+            if sleep:
+                time.sleep(sleep)
+            write_checkpoint(path, self.model_config, sd, fmt="native", aux_from=self.tokenizer_dir)
+
+        loader_state = self.loader.state_dict() if self.loader is not None else None
+        path = self.ckpt.save(self.engine, meta, loader_state, consolidated, write_model, protect=protect)
+        self.last_checkpoint = path
+        return path
+
+    def _export_hf(self, stage: StageSettings) -> None:
+        if self.dist.is_main:
+            cfg, sd = read_checkpoint(self.last_checkpoint / "model", "native")
+            out = write_checkpoint(self.run_dir / "exports" / f"stage{stage.index}", cfg, sd, fmt="hf", aux_from=self.tokenizer_dir)
+            log.warning("stage %d exported in HF format to %s", stage.index, out)
+        barrier()
+
+
+def _print_config_error(e: ConfigError, rank: int) -> None:
+    if rank == 0:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+
+
+def run(cfg: DictConfig) -> int:
+    """Validate, set up the process group, train; returns the process exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    tp = int(cfg.parallel.tp) if isinstance(cfg.parallel.tp, int) else 1
+    if tp < 1 or world % tp:
+        _print_config_error(ConfigError("parallel.tp", f"{cfg.parallel.tp} must divide the world size {world}"), rank)
+        return EXIT_CONFIG
+    try:
+        stages = validate_config(cfg, dp_size=world // tp, check_paths=not cfg.demo_assets.build)
+    except ConfigError as e:
+        _print_config_error(e, rank)
+        return EXIT_CONFIG
+    dist_info = init_distributed(float(cfg.parallel.timeout_minutes))
+    trainer = None
+    try:
+        if cfg.demo_assets.build:
+            from janus_train.training.assets import ensure_demo_assets
+
+            ensure_demo_assets(cfg, dist_info)
+            stages = validate_config(cfg, dp_size=world // tp, check_paths=True)
+        mpu = None
+        if tp > 1:
+            from janus_train.parallel.tensor_parallel import init_tensor_parallel
+
+            mpu = init_tensor_parallel(tp)
+        if dist_info.is_main:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        trainer = Trainer(cfg, dist_info, stages, mpu)
+        state = trainer.run()
+        if state == "completed":
+            trainer.write_status("completed")
+        trainer._call("on_run_end", state)
+        code = EXIT_OK
+    except ConfigError as e:
+        _print_config_error(e, dist_info.rank)
+        code = EXIT_CONFIG
+    except TrainingAborted as e:
+        print(f"training aborted: {e}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.write_status("failed", str(e))
+        code = EXIT_ABORTED
+    except Exception as e:  # noqa: BLE001 - report, mark the run failed, exit non-zero
+        traceback.print_exc()
+        print(f"rank {dist_info.rank}: training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.write_status("failed", f"{type(e).__name__}: {e}")
+        code = EXIT_FAILED
+    if code == EXIT_OK:
+        destroy()
+    elif dist.is_initialized():
+        # A failed peer may never reach a barrier: leave without one.
+        dist.destroy_process_group()
+    return code

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""janus-train entry point.
+
+    deepspeed [--num_gpus N | --hostfile H] launch/train.py +recipe=NAME [key=value ...]
+    torchrun --nproc-per-node N launch/train.py +recipe=NAME [key=value ...]
+    python launch/train.py +recipe=NAME [key=value ...]                 (one process)
+    python launch/train.py +recipe=NAME [key=value ...] --cfg job       (print the resolved config)
+
+Overrides are Hydra syntax (see recipes/config.yaml for every key). Exit codes: 0 completed
+or stopped cleanly by SIGTERM/SIGUSR1 after saving (see run_dir/status.json), 1 failed,
+2 config error (printed as "config error: <key>: <message>"), 3 aborted (non-finite losses).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def split_args(argv: list[str]) -> tuple[list[str], str | None]:
+    """Drop the launcher's --local_rank (LOCAL_RANK is in the environment anyway), pull out --cfg."""
+    overrides, show = [], None
+    it = iter(argv)
+    for arg in it:
+        if re.fullmatch(r"--local[_-]rank(=\d+)?", arg):
+            if "=" not in arg:
+                next(it, None)
+            continue
+        if arg == "--cfg":
+            show = next(it, "job")
+            continue
+        if arg.startswith("--cfg="):
+            show = arg.split("=", 1)[1]
+            continue
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        overrides.append(arg)
+    return overrides, show
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides, show = split_args(sys.argv[1:] if argv is None else argv)
+    from janus_train.training.config import ConfigError, load_config, resolved_yaml
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(overrides)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if show is not None:
+        if show not in ("job", "all"):
+            print(f"config error: --cfg: must be job or all, got {show!r}", file=sys.stderr)
+            return 2
+        if rank == 0:
+            print(resolved_yaml(cfg), end="")
+        return 0
+    from janus_train.training.trainer import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
