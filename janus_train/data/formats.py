@@ -20,6 +20,7 @@ sample is the group of tar members sharing a key (`<key>.<part>`); keys contain 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -101,9 +102,27 @@ def get_caption(obj: dict[str, Any]) -> str:
     return cap.strip()
 
 
-# np.load parses the npy header with ast.literal_eval (~10 us); shards repeat a handful of
-# headers, so cache the parsed (dtype, shape) by the raw header bytes.
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+# np.load parses the npy header with ast.literal_eval (~10 us a call). Headers written by
+# numpy have one fixed layout, so read descr and shape with a regex and fall back to
+# literal_eval for anything else.
+_NPY_HEADER = re.compile(rb"\{'descr': '([^']+)', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}")
+_DTYPES: dict[bytes, np.dtype] = {}
+
+
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+    m = _NPY_HEADER.match(header)
+    if m is not None:
+        dt = _DTYPES.get(m.group(1))
+        if dt is None:
+            dt = _DTYPES.setdefault(m.group(1), np.dtype(m.group(1).decode()))
+        shape = tuple(int(x) for x in m.group(2).split(b",") if x.strip())
+        return dt, shape
+    import ast
+
+    d = ast.literal_eval(header.decode("latin1"))
+    if d.get("fortran_order"):
+        raise ValueError("fortran order npy is not supported")
+    return np.dtype(d["descr"]), tuple(d["shape"])
 
 
 def load_npy(raw: bytes) -> np.ndarray:
@@ -111,23 +130,13 @@ def load_npy(raw: bytes) -> np.ndarray:
     try:
         if raw[:6] != b"\x93NUMPY":
             raise ValueError("not an npy file")
-        major = raw[6]
-        hlen_size = 2 if major == 1 else 4
+        hlen_size = 2 if raw[6] == 1 else 4
         hlen = int.from_bytes(raw[8 : 8 + hlen_size], "little")
         start = 8 + hlen_size + hlen
-        header = raw[:start]
-        parsed = _NPY_HEADERS.get(header)
-        if parsed is None:
-            import ast
-
-            d = ast.literal_eval(header[8 + hlen_size :].decode("latin1"))
-            if d.get("fortran_order"):
-                raise ValueError("fortran order npy is not supported")
-            parsed = (np.dtype(d["descr"]), tuple(d["shape"]), start)
-            if len(_NPY_HEADERS) < 256:
-                _NPY_HEADERS[header] = parsed
-        dtype, shape, start = parsed
-        count = int(np.prod(shape)) if shape else 1
+        dtype, shape = _npy_header(raw[8 + hlen_size : start])
+        count = 1
+        for n in shape:
+            count *= n
         return np.frombuffer(raw, dtype=dtype, count=count, offset=start).reshape(shape)
     except (ValueError, SyntaxError, KeyError, TypeError, IndexError) as e:
         raise SampleError("bad_codes", f"cannot decode npy: {e}") from None

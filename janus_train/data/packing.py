@@ -26,6 +26,7 @@ never cut (its codes must be whole) and is dropped. Drops are counted as "too_lo
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,7 +35,7 @@ import torch
 
 from janus_train.data.batch import IGNORE_INDEX, NO_TASK, TASK_ID, TASKS, PackedBatch
 from janus_train.data.mixing import SourceBlender
-from janus_train.data.preprocess import normalize_siglip
+from janus_train.data.preprocess import normalize_siglip_
 
 
 @dataclass(eq=False)
@@ -67,6 +68,7 @@ class SourceBuffer:
     def __init__(self) -> None:
         self.lens: list[tuple[int, int]] = []  # (length, seq), sorted
         self.docs: dict[int, Doc] = {}  # seq -> doc
+        self._ages: list[int] = []  # heap of seqs; entries of removed docs are dropped lazily
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -74,6 +76,7 @@ class SourceBuffer:
     def add(self, doc: Doc) -> None:
         bisect.insort(self.lens, (len(doc), doc.seq))
         self.docs[doc.seq] = doc
+        heapq.heappush(self._ages, doc.seq)
 
     def remove(self, doc: Doc) -> None:
         i = bisect.bisect_left(self.lens, (len(doc), doc.seq))
@@ -88,7 +91,9 @@ class SourceBuffer:
         return self.docs[self.lens[i][1]] if i >= 0 else None
 
     def oldest(self) -> Doc:
-        return self.docs[min(self.docs)]
+        while self._ages[0] not in self.docs:
+            heapq.heappop(self._ages)
+        return self.docs[self._ages[0]]
 
 
 class TaskPacker:
@@ -197,51 +202,68 @@ def collate(
     """Lay the rows' documents end to end and build every PackedBatch field."""
     n_rows = len(rows)
     total = n_rows * seq_len
-    ids = np.full(total, pad_id, dtype=np.int64)
-    target = np.zeros(total, dtype=bool)
-    gen = np.zeros(total, dtype=bool)
-    bounds = [0]
-    pixels: list[np.ndarray] = []
+    id_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    images: list[Any] = []
     keys: list[list[str]] = []
     sources: list[list[str]] = []
+    pad_ids = np.full(seq_len, pad_id, dtype=np.int32)
+    no_target = np.zeros(seq_len, dtype=bool)
+    used_total = 0
     for r, row in enumerate(rows):
-        p = r * seq_len
-        row_keys, row_sources = [], []
+        used = 0
         for d in row.docs:
-            n = len(d)
-            ids[p : p + n] = d.ids
-            target[p : p + n] = d.target
-            if d.gen_start < n:
-                gen[p + d.gen_start : p + n] = True
+            id_parts.append(d.ids)
+            target_parts.append(d.target)
+            lengths.append(len(d))
+            used += len(d)
             if d.pixels is not None:
-                pixels.append(d.pixels)
-            row_keys.append(d.key)
-            row_sources.append(source_names[d.task][d.source] if source_names else str(d.source))
-            p += n
-            bounds.append(p)
-        if p > (r + 1) * seq_len:
-            raise ValueError(f"row {r} holds {p - r * seq_len} tokens > seq_len {seq_len}")
-        if p < (r + 1) * seq_len:
-            bounds.append((r + 1) * seq_len)
-        keys.append(row_keys)
-        sources.append(row_sources)
-    cu = np.asarray(bounds, dtype=np.int64)
-    lengths = np.diff(cu)
-    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lengths)
+                images.append(d.pixels)
+        if used > seq_len:
+            raise ValueError(f"row {r} holds {used} tokens > seq_len {seq_len}")
+        if used < seq_len:  # the padding tail is a document of its own
+            id_parts.append(pad_ids[: seq_len - used])
+            target_parts.append(no_target[: seq_len - used])
+            lengths.append(seq_len - used)
+        used_total += used
+        keys.append([d.key for d in row.docs])
+        names = source_names.get(row.task) if source_names else None
+        sources.append([names[d.source] if names else str(d.source) for d in row.docs])
+    ids = np.concatenate(id_parts).astype(np.int64)
+    target = np.concatenate(target_parts)
+    len_arr = np.asarray(lengths, dtype=np.int64)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(len_arr, out=cu[1:])
+    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], len_arr)
     labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
     # BOS and padding are never targets, so a shifted label never crosses a document.
-    labels[:-1] = np.where(target[1:], ids[1:], IGNORE_INDEX)
-    row_task = np.repeat(np.asarray([row.task for row in rows], dtype=np.int64), seq_len)
-    loss_task = np.where(labels != IGNORE_INDEX, row_task, NO_TASK)
-    und = (ids == image_token_id) & (row_task == TASK_ID["und"])
-    pix = normalize_siglip(torch.from_numpy(np.concatenate(pixels))) if pixels else None
+    np.copyto(labels[:-1], ids[1:], where=target[1:])
     shape = (n_rows, seq_len)
+    # Rows are task-homogeneous: per-row task ids broadcast over the row.
+    row_task = np.asarray([row.task for row in rows], dtype=np.int64)[:, None]
+    labels2 = labels.reshape(shape)
+    loss_task = np.where(labels2 != IGNORE_INDEX, row_task, NO_TASK)
+    # In gen rows the targets are exactly the code positions (code k is predicted from k-1,
+    # code 0 from <begin_of_image>); und rows hold no codes, so gen_input_mask is target & gen.
+    gen = target.reshape(shape) & (row_task == TASK_ID["gen"])
+    und = (ids.reshape(shape) == image_token_id) & (row_task == TASK_ID["und"])
+    pix = None
+    if images:
+        n_img = sum(int(p.shape[0]) for p in images)
+        pix = torch.empty((n_img, *images[0].shape[1:]), dtype=torch.float32)
+        i = 0
+        for p in images:
+            k = int(p.shape[0])
+            pix[i : i + k].copy_(p if isinstance(p, torch.Tensor) else torch.from_numpy(p))
+            i += k
+        normalize_siglip_(pix)
     out_meta = {
         "keys": keys,
         "sources": sources,
         "row_tasks": [TASKS[row.task] for row in rows],
         "num_docs": sum(len(row.docs) for row in rows),
-        "pad_tokens": int(total - sum(len(d) for row in rows for d in row.docs)),
+        "pad_tokens": int(total - used_total),
     }
     if meta:
         out_meta.update(meta)
@@ -249,11 +271,11 @@ def collate(
         input_ids=torch.from_numpy(ids).view(shape),
         position_ids=torch.from_numpy(positions).view(shape),
         cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
-        max_seqlen=int(lengths.max()),
+        max_seqlen=int(len_arr.max()),
         labels=torch.from_numpy(labels).view(shape),
-        loss_task=torch.from_numpy(loss_task).view(shape),
-        gen_input_mask=torch.from_numpy(gen).view(shape),
-        und_image_mask=torch.from_numpy(und).view(shape),
+        loss_task=torch.from_numpy(loss_task),
+        gen_input_mask=torch.from_numpy(gen),
+        und_image_mask=torch.from_numpy(und),
         und_pixel_values=pix,
         meta=out_meta,
     )

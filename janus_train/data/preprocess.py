@@ -4,9 +4,9 @@ und  resize the long side to `size` (bicubic, the short side rounded, at least 1
      square with RGB (127,127,127), SigLIP normalisation (x/255 - 0.5) / 0.5. This is exactly
      what transformers' `JanusImageProcessor` does with its PIL backend (Janus-Pro's
      preprocessor config: mean = std = 0.5, background = int(0.5*255) = 127); the test suite
-     checks it pixel for pixel. The loader keeps images as uint8 until the batch is built and
-     normalises the whole micro-batch at once (`normalize_siglip`), which gives bit-identical
-     float32 values to transformers' float64-rescale-then-float32-normalise path.
+     checks it pixel for pixel. The loader keeps images as uint8 CHW until the batch is built
+     and normalises the whole micro-batch at once (`normalize_siglip_`), which gives
+     bit-identical float32 values to transformers' float64-rescale-then-float32-normalise path.
 gen  resize the short side to `size` (bicubic), centre crop the long side, scale to [-1, 1].
 """
 
@@ -46,8 +46,7 @@ def und_resize_pad(img: Image.Image, size: int) -> np.ndarray:
     if nw == nh:
         return arr if arr.shape[0] == size else np.ascontiguousarray(arr)
     side = max(nw, nh)
-    out = np.empty((side, side, 3), dtype=np.uint8)
-    out[...] = UND_BACKGROUND
+    out = np.full((side, side, 3), UND_BACKGROUND[0], dtype=np.uint8)  # grey is uniform: memset
     if nw > nh:
         top = (side - nh) // 2
         out[top : top + nh] = arr
@@ -57,19 +56,24 @@ def und_resize_pad(img: Image.Image, size: int) -> np.ndarray:
     return out
 
 
-def normalize_siglip(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1], SigLIP mean = std = 0.5.
+def normalize_siglip_(x: torch.Tensor) -> torch.Tensor:
+    """In place: float32 holding 0..255 -> SigLIP-normalised (mean = std = 0.5).
 
     (x / 255 - 0.5) * 2 in float32 equals transformers' (float32(x * (1/255)) - 0.5) / 0.5
     for all 256 input values (checked in the tests), so it is exact, and 3x faster than a LUT.
     """
-    x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     return x.div_(255.0).sub_(0.5).mul_(2.0)
+
+
+def normalize_siglip(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 [..., 3, H, W] in [-1, 1]."""
+    return normalize_siglip_(pixels.to(torch.float32))
 
 
 def und_pixels(img: Image.Image, size: int) -> torch.Tensor:
     """One image as the model sees it: float32 [3, size, size] (for tools and tests)."""
-    return normalize_siglip(torch.from_numpy(und_resize_pad(img, size))[None])[0]
+    chw = np.ascontiguousarray(und_resize_pad(img, size).transpose(2, 0, 1))
+    return normalize_siglip(torch.from_numpy(chw))
 
 
 def gen_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -85,5 +89,5 @@ def gen_crop(img: Image.Image, size: int) -> np.ndarray:
 
 def gen_pixels(img: Image.Image, size: int) -> torch.Tensor:
     """float32 [3, size, size] in [-1, 1], the VQ encoder's input."""
-    x = torch.from_numpy(np.ascontiguousarray(gen_crop(img, size))).permute(2, 0, 1).to(torch.float32)
+    x = torch.from_numpy(np.array(gen_crop(img, size))).permute(2, 0, 1).to(torch.float32)
     return x.div_(127.5).sub_(1.0)

@@ -231,21 +231,22 @@ class ShardReader:
             err = SampleError("missing_shard", str(e))
             return [RawSample(i, f"{Path(shard_path).name}#{i}", None, err) for i in range(start, stop)]
         base = int(off[start])
+        bounds = (off[start : stop + 1] - off[start]).tolist()
         mv = memoryview(data)
+        n = len(data)
         out: list[RawSample] = []
         for i in range(start, stop):
             if wanted is not None and not wanted(i):
                 continue
-            a, b = int(off[i]) - base, int(off[i + 1]) - base
-            fallback_key = f"{Path(shard_path).name}#{i}"
-            if a >= len(data):
-                out.append(RawSample(i, fallback_key, None, SampleError("truncated_tar", "shard ends before sample")))
-                continue
+            a, b = bounds[i - start], bounds[i - start + 1]
             try:
+                if a >= n:
+                    raise SampleError("truncated_tar", f"shard ends {b - n} bytes early, before the sample")
                 key, parts = parse_sample(mv[a:b])
-                if b > len(data):
-                    raise SampleError("truncated_tar", "shard ends inside the sample")
+                if b > n:
+                    raise SampleError("truncated_tar", f"shard ends {b - n} bytes early, inside the sample")
                 out.append(RawSample(i, key, parts))
             except SampleError as e:
-                out.append(RawSample(i, fallback_key, None, e))
+                out.append(RawSample(i, f"{Path(shard_path).name}#{i}", None, e))
+        del base
         return out

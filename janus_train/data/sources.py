@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from janus_train.data.formats import SampleError
 from janus_train.data.packing import Doc
@@ -53,7 +54,9 @@ class DecodedChunk:
     ids: np.ndarray  # int32, concatenated
     target: np.ndarray  # bool, concatenated
     n_images: np.ndarray  # int64 [items]
-    pixels: np.ndarray | None  # uint8 [images, H, W, 3], concatenated
+    # uint8 [images, 3, H, W]. A torch tensor so that, coming from a worker, it travels through
+    # shared memory (torch's multiprocessing reductions) instead of being pickled.
+    pixels: torch.Tensor | None
 
     def items(self) -> list[tuple[int, str, Doc | SampleError]]:
         out: list[tuple[int, str, Doc | SampleError]] = []
@@ -82,9 +85,10 @@ class DecodedChunk:
 class Decoder:
     """Reads and tokenises requests; one per worker process (or in-process)."""
 
-    def __init__(self, builder: DocBuilder) -> None:
+    def __init__(self, builder: DocBuilder, shared_memory: bool = False) -> None:
         self.builder = builder
         self.reader = ShardReader()
+        self.shared_memory = shared_memory
 
     def __call__(self, req: ReadRequest) -> DecodedChunk:
         wanted = None if req.wanted is None else set(req.start + o for o in req.wanted)
@@ -106,6 +110,16 @@ class Decoder:
                 docs.append(None)
         good = [d for d in docs if d is not None]
         pix = [d.pixels for d in good if d.pixels is not None]
+        pixels = None
+        if pix:
+            n_img = sum(p.shape[0] for p in pix)
+            pixels = torch.empty((n_img, *pix[0].shape[1:]), dtype=torch.uint8)
+            if self.shared_memory:
+                pixels.share_memory_()  # allocate in shm first, so the copy below is the only one
+            out, i = pixels.numpy(), 0
+            for p in pix:
+                out[i : i + p.shape[0]] = p
+                i += p.shape[0]
         return DecodedChunk(
             offsets=offsets,
             keys=keys,
@@ -116,7 +130,7 @@ class Decoder:
             ids=np.concatenate([d.ids for d in good]) if good else np.zeros(0, np.int32),
             target=np.concatenate([d.target for d in good]) if good else np.zeros(0, bool),
             n_images=np.asarray([0 if d is None or d.pixels is None else d.pixels.shape[0] for d in docs], dtype=np.int64),
-            pixels=np.concatenate(pix) if pix else None,
+            pixels=pixels,
         )
 
 
@@ -125,7 +139,8 @@ _WORKER_DECODER: Decoder | None = None
 
 def _init_worker(builder: DocBuilder) -> None:
     global _WORKER_DECODER
-    _WORKER_DECODER = Decoder(builder)
+    torch.set_num_threads(1)  # workers do numpy/PIL work; never oversubscribe the cores
+    _WORKER_DECODER = Decoder(builder, shared_memory=True)
 
 
 def _decode_in_worker(req: ReadRequest) -> DecodedChunk:

@@ -176,7 +176,7 @@ class DocBuilder:
             raise fmt.SampleError("bad_conversation", f"{n_img} image tokens, expected {self.num_image_tokens}")
         slot_end = ids.index(self.tok.eoi_id) + 1
         doc = self._finish_text_like(key, "und", ids, target, protect=slot_end)
-        doc.pixels = pixels[None]
+        doc.pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]  # uint8 [1, 3, H, W]
         return doc
 
     def text(self, key: str, parts: dict[str, bytes]) -> Doc:
@@ -215,8 +215,10 @@ class DocBuilder:
             raise fmt.SampleError("bad_codes", f"codes must be a 1-d integer array, got {codes.dtype}{list(codes.shape)}")
         if self.num_gen_tokens is not None and codes.shape[0] != self.num_gen_tokens:
             raise fmt.SampleError("bad_codes", f"{codes.shape[0]} codes, the model uses {self.num_gen_tokens}")
-        if self.codebook_size is not None and codes.size and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise fmt.SampleError("bad_codes", f"codes outside [0, {self.codebook_size})")
+        if self.codebook_size is not None and codes.size:
+            # unsigned codes (what pretokenize_vq writes) need only the max check
+            if int(codes.max()) >= self.codebook_size or (codes.dtype.kind == "i" and int(codes.min()) < 0):
+                raise fmt.SampleError("bad_codes", f"codes outside [0, {self.codebook_size})")
         stored = parts.get(fmt.PROMPT_IDS_PART)
         if stored is not None and obj.get("prompt_tokenizer") == self.tok.fingerprint:
             prompt = fmt.load_npy(stored)
