@@ -121,7 +121,7 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        # Set from outside (janus_train/parallel/checkpointing.py): "none" | "full" | "attn".
+        # Set by JanusModel.apply_activation_checkpointing: "none" | "full" | "attn".
         self.checkpoint_mode = "none"
 
     def _attn_part(self, x, cos, sin, docs, backend, cache, layer):
@@ -260,10 +260,21 @@ class JanusModel(nn.Module):
                 self.vq.codebook.weight.copy_(F.normalize(self.vq.codebook.weight, dim=-1))
 
     def apply_activation_checkpointing(self, mode: str, every: int = 2) -> None:
-        """none | full (every LLM block) | selective (every `every`-th block in full)."""
+        """Recompute LLM block activations in backward instead of keeping them.
+
+        none       keep everything.
+        full       every block: keep only its input, recompute the whole block.
+        selective  every >= 2: full recomputation of every `every`-th block (0, every, ...);
+                   every == 1: every block recomputes its attention half only (norm, q/k/v,
+                   RoPE, attention, o_proj) and keeps its MLP activations.
+        """
+        if every < 1:
+            raise ValueError(f"checkpoint_every={every} must be >= 1")
         for i, layer in enumerate(self.llm.layers):
             if mode == "full":
                 layer.checkpoint_mode = "full"
+            elif mode == "selective" and every == 1:
+                layer.checkpoint_mode = "attn"
             elif mode == "selective":
                 layer.checkpoint_mode = "full" if i % every == 0 else "none"
             elif mode == "none":
