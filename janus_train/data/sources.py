@@ -256,7 +256,7 @@ class SourceStream:
         self.next_k = 0  # next slice to request
         self.first_offset = 0  # offsets below this in slice next_k were consumed before a restore
         self.pending: deque[tuple[int, Any]] = deque()
-        self.ready: deque[tuple[tuple[int, int], Doc | SampleError, str]] = deque()
+        self.ready: deque[tuple[tuple[int, int], Doc | SampleError | None, str, str]] = deque()
         self.frontier: tuple[int, int] = (0, 0)
 
     def _request_more(self) -> None:
@@ -276,22 +276,22 @@ class SourceStream:
         chunk: DecodedChunk = fut.result()
         shard = self.plan.request(self.task, k).shard
         for off, key, item in chunk.items():
-            self.ready.append(((k, off), item, shard))
+            self.ready.append(((k, off), item, shard, key))
         if not chunk.offsets:
-            self.ready.append(((k + 1, -1), None, shard))  # nothing left in slice k: frontier (k+1, 0)
+            self.ready.append(((k + 1, -1), None, shard, ""))  # nothing left in slice k: frontier (k+1, 0)
         self._request_more()
 
     def next_doc(self) -> Doc:
         for _ in range(1_000_000):
             while not self.ready:
                 self._pump()
-            pos, item, shard = self.ready.popleft()
+            pos, item, shard, key = self.ready.popleft()
             self.frontier = (pos[0], pos[1] + 1)
             if item is None:
                 continue
             if isinstance(item, SampleError):
                 self.stats.skip(self.label, item.reason)
-                log.warning("skipped sample (%s) of %s in shard %s: %s", item.reason, self.label, shard, item.detail)
+                log.warning("skipped %s sample %s of %s in shard %s: %s", item.reason, key, self.label, shard, item.detail)
                 continue
             item.pos = pos
             self.stats.take(self.label)
