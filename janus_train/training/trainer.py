@@ -63,11 +63,13 @@ class StopFlag:
         self.signum = signum
 
 
-def _fault(name: str) -> float | None:
-    """Test-only fault injection: JANUS_FAULT=save_sleep:5 sleeps 5 s inside a checkpoint write."""
-    spec = os.environ.get("JANUS_FAULT", "")
-    if spec.startswith(name + ":"):
-        return float(spec.split(":", 1)[1])
+def _fault(name: str) -> list[float] | None:
+    """Fault injection for the crash tests (JANUS_FAULT, comma-separated):
+    save_sleep:STEP:SECONDS sleeps inside the checkpoint write of that step (for kill -9);
+    step_sleep:SECONDS slows every step (so a signal lands mid-run)."""
+    for spec in os.environ.get("JANUS_FAULT", "").split(","):
+        if spec.startswith(name + ":"):
+            return [float(x) for x in spec.split(":")[1:]]
     return None
 
 
@@ -357,6 +359,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr = float(self.engine.get_lr()[0])
             micro_batches = next(it)
+            slow = _fault("step_sleep")
+            if slow:
+                time.sleep(slow[0])
             res = train_step(self.engine, micro_batches, self.dp_size, self.dp_group, self.dist.device, self.dtype, touch_all)
             if self.dist.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -448,9 +453,9 @@ class Trainer:
             return dse.consolidated_state_dict(self.engine, torch.float32, self._tp_gather())
 
         def write_model(path: Path, sd: dict) -> None:
-            sleep = _fault("save_sleep")
-            if sleep:
-                time.sleep(sleep)
+            fault = _fault("save_sleep")
+            if fault and int(fault[0]) == self.global_step:
+                time.sleep(fault[1])
             write_checkpoint(path, self.model_config, sd, fmt="native", aux_from=self.tokenizer_dir)
 
         loader_state = self.loader.state_dict() if self.loader is not None else None
