@@ -117,9 +117,17 @@ class DataConfig:
         d = dict(d)
         base = Path(path).parent
         for task in TASKS:  # relative source paths are relative to the YAML file
-            for s in d.get(task) or []:
-                if isinstance(s, dict) and "path" in s and not Path(str(s["path"])).is_absolute():
-                    s["path"] = str(base / s["path"])
+            sources = list(d.get(task) or [])
+            for i, s in enumerate(sources):
+                if isinstance(s, str) and not Path(s).is_absolute():
+                    sources[i] = str(base / s)
+                elif isinstance(s, dict) and "path" in s and not Path(str(s["path"])).is_absolute():
+                    sources[i] = dict(s, path=str(base / s["path"]))
+            if task in d:
+                d[task] = sources
+        tok = d.get("tokenizer")
+        if isinstance(tok, str) and not Path(tok).is_absolute() and (base / tok).exists():
+            d["tokenizer"] = str(base / tok)
         d.update(overrides or {})
         return cls.from_dict(d)
 
