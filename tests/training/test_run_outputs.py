@@ -104,3 +104,14 @@ def test_metrics_wandb_and_samples(finished_run):
     assert [g.name for g in grids][:3] == ["step_00000002.png", "step_00000004.png", "step_00000006.png"]
     img = np.asarray(Image.open(grids[0]))
     assert img.shape == (2 * 64, 2 * 64, 3)  # 2 prompts x 2 samples of 64 px
+
+
+def test_convert_exports_a_training_run(finished_run, tmp_path):
+    from janus_train.convert import convert
+
+    out = convert(finished_run, "train", tmp_path / "hf", "hf")
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(finished_run / "exports" / "stage3" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    step2 = convert(finished_run / "checkpoints" / "step_00000002", "train", tmp_path / "s2", "native")
+    assert (step2 / "config.json").is_file()
