@@ -59,9 +59,13 @@ class Doc:
     pos: tuple[int, int] = (0, 0)  # where the stream found it (slice number, offset)
     seq: int = 0  # arrival number in its source's buffer
     arrived: int = 0  # packing step at which it entered the buffer
+    n: int = field(init=False, repr=False)  # length, cached: the packer asks for it a lot
+
+    def __post_init__(self) -> None:
+        self.n = int(self.ids.shape[0])
 
     def __len__(self) -> int:
-        return int(self.ids.shape[0])
+        return self.n
 
 
 class SourceBuffer:
@@ -69,6 +73,7 @@ class SourceBuffer:
 
     def __init__(self) -> None:
         self.lens: list[tuple[int, int]] = []  # (length, seq), sorted
+        self.nlens: list[int] = []  # the lengths alone, same order (for vectorised search)
         self.docs: dict[int, Doc] = {}  # seq -> doc
         self._ages: list[int] = []  # heap of seqs; entries of removed docs are dropped lazily
 
@@ -76,13 +81,16 @@ class SourceBuffer:
         return len(self.docs)
 
     def add(self, doc: Doc) -> None:
-        bisect.insort(self.lens, (len(doc), doc.seq))
+        i = bisect.bisect_left(self.lens, (doc.n, doc.seq))
+        self.lens.insert(i, (doc.n, doc.seq))
+        self.nlens.insert(i, doc.n)
         self.docs[doc.seq] = doc
         heapq.heappush(self._ages, doc.seq)
 
     def remove(self, doc: Doc) -> None:
-        i = bisect.bisect_left(self.lens, (len(doc), doc.seq))
+        i = bisect.bisect_left(self.lens, (doc.n, doc.seq))
         del self.lens[i]
+        del self.nlens[i]
         del self.docs[doc.seq]
 
     def shortest(self) -> int:
@@ -139,21 +147,17 @@ class TaskPacker:
         source the blender names next) fitting `room`, and that pair's length."""
         nxt = self._next_source_after(s)
         self._fill(nxt, step)
-        a = [n for n, _ in self.buffers[s].lens]
-        b = [n for n, _ in self.buffers[nxt].lens]
-        best, best_i = 0, -1
-        i, j = 0, len(b) - 1
-        while i < len(a) and j >= 0:  # two pointers: a ascending, b descending
-            total = a[i] + b[j]
-            if total > room:
-                j -= 1
-                continue
-            if total > best and not (nxt == s and i == j):
-                best, best_i = total, i
-            i += 1
-        if best_i < 0:
+        a = np.array(self.buffers[s].nlens)
+        b = a if nxt == s else np.array(self.buffers[nxt].nlens)
+        j = np.searchsorted(b, room - a, side="right") - 1  # longest partner of each a
+        if nxt == s:
+            j = np.where(j == np.arange(len(a)), j - 1, j)  # a document cannot pair with itself
+        ok = j >= 0
+        if not ok.any():
             return None, 0
-        return self.buffers[s].docs[self.buffers[s].lens[best_i][1]], best
+        totals = np.where(ok, a + b[np.maximum(j, 0)], -1)
+        i = int(totals.argmax())
+        return self.buffers[s].docs[self.buffers[s].lens[i][1]], int(totals[i])
 
     def pack(self, num_rows: int, step: int) -> list[list[Doc]]:
         """Fill `num_rows` rows for training step `step`."""
@@ -165,11 +169,12 @@ class TaskPacker:
             self._fill(s, step)
             buf = self.buffers[s]
             oldest = buf.oldest()
+            shortest = buf.shortest()
             if step - oldest.arrived >= self.max_wait_steps:
-                i = bisect.bisect_left(free, (len(oldest), -1))
+                i = bisect.bisect_left(free, (oldest.n, -1))
                 doc = oldest
             else:
-                i = bisect.bisect_left(free, (buf.shortest(), -1))
+                i = bisect.bisect_left(free, (shortest, -1))
                 doc = None
             if i == len(free):
                 break
@@ -177,17 +182,19 @@ class TaskPacker:
             if doc is None:
                 doc = buf.longest_at_most(room)
                 assert doc is not None
-                if room - len(doc) > self.tolerance:
-                    # The best single fit leaves a gap: look one document further ahead.
+                gap = room - doc.n
+                if self.tolerance < gap < 2 * shortest:
+                    # The best single fit would close the row with a gap: look one document
+                    # further ahead for a pair that fills it better.
                     first, total = self._pair_first(s, room, step)
-                    if first is not None and total > len(doc):
+                    if first is not None and total > doc.n:
                         doc = first
             buf.remove(doc)
             self.blender.advance(s)
             rows[r].append(doc)
             placed.append((doc, r))
-            if room - len(doc) > 0:
-                bisect.insort(free, (room - len(doc), r))
+            if room - doc.n > 0:
+                bisect.insort(free, (room - doc.n, r))
         period = self.blender.period
         if period and len(placed) >= period:
             for doc, r in reversed(placed[len(placed) - len(placed) % period :]):

@@ -130,68 +130,56 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """energon's rule: the key is the path up to the first dot of the file name."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot < 0:
-        return None
-    return name[:dot], name[dot + 1 :]
-
-
-def parse_sample(buf: bytes | memoryview) -> tuple[str, dict[str, bytes]]:
-    """Members of one sample's tar bytes -> (key, {part: bytes}). Raises SampleError."""
-    mv = memoryview(buf)
-    n = len(mv)
-    pos = 0
+def parse_sample(data: bytes, start: int = 0, end: int | None = None) -> tuple[str, dict[str, bytes]]:
+    """Members of one sample, data[start:end] -> (key, {part: bytes}). Raises SampleError."""
+    n = len(data) if end is None else min(end, len(data))
+    pos = start
     key: str | None = None
     parts: dict[str, bytes] = {}
     long_name: str | None = None
-    pax: dict[str, str] = {}
+    pax: dict[str, str] | None = None
     while pos + 512 <= n:
-        header = bytes(mv[pos : pos + 512])
-        if header == b"\0" * 512:
+        if data[pos] == 0 and not data[pos : pos + 512].strip(b"\0"):
             break  # end-of-archive marker
         try:
-            size = _octal(header[124:136])
-            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            z = data.find(b"\0", pos, pos + 100)
+            name = data[pos : z if z >= 0 else pos + 100].decode("utf-8")
+            size = _octal(data[pos + 124 : pos + 136])
+            if data[pos + 257 : pos + 262] == b"ustar" and data[pos + 345]:
+                z = data.find(b"\0", pos + 345, pos + 500)
+                name = data[pos + 345 : z if z >= 0 else pos + 500].decode("utf-8") + "/" + name
         except (ValueError, UnicodeDecodeError) as e:
             raise SampleError("bad_tar", f"unreadable header at byte {pos}: {e}") from None
-        typeflag = header[156:157]
-        start = pos + 512
-        end = start + size
-        if end > n:
-            raise SampleError("truncated_tar", f"member {name!r} needs {end - n} more bytes")
-        pos = start + ((size + 511) // 512) * 512
-        if typeflag == b"x":
-            pax = _pax_records(bytes(mv[start:end]))
+        typeflag = data[pos + 156]
+        body = pos + 512
+        stop = body + size
+        if stop > n:
+            raise SampleError("truncated_tar", f"member {name!r} needs {stop - n} more bytes")
+        pos = body + ((size + 511) & ~511)
+        if typeflag == 0x78:  # 'x': pax header for the next member
+            pax = _pax_records(data[body:stop])
             continue
-        if typeflag == b"L":
-            long_name = bytes(mv[start:end]).split(b"\0", 1)[0].decode("utf-8")
+        if typeflag == 0x4C:  # 'L': GNU long name for the next member
+            long_name = data[body:stop].split(b"\0", 1)[0].decode("utf-8")
             continue
-        if typeflag not in (b"0", b"\0", b"7"):
-            continue  # directories, links, global pax headers
+        if typeflag not in (0x30, 0, 0x37):  # not a regular file ('0', NUL, '7')
+            continue
         if long_name is not None:
             name, long_name = long_name, None
-        elif prefix:
-            name = prefix + "/" + name
         if pax:
             name = pax.get("path", name)
             if "size" in pax:
                 raise SampleError("bad_tar", "pax size overrides are not supported")
-            pax = {}
-        split = split_member_name(name)
-        if split is None:
-            continue
-        k, part = split
-        if k.rsplit("/", 1)[-1].startswith("__"):
-            continue  # webdataset/energon meta files
+            pax = None
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        if dot < 0 or name.startswith("__", slash):
+            continue  # no part name, or a webdataset/energon meta file
         if key is None:
-            key = k
-        parts[part] = bytes(mv[start:end])
+            key = name[:dot]
+        parts[name[dot + 1 :]] = data[body:stop]
     if key is None:
-        if n and pos + 512 > n and pos < n:
+        if start < pos < n or (pos + 512 > n and pos < n):
             raise SampleError("truncated_tar", "sample ends inside a header")
         raise SampleError("bad_tar", "no members in sample")
     return key, parts
@@ -230,9 +218,7 @@ class ShardReader:
         except FileNotFoundError as e:
             err = SampleError("missing_shard", str(e))
             return [RawSample(i, f"{Path(shard_path).name}#{i}", None, err) for i in range(start, stop)]
-        base = int(off[start])
         bounds = (off[start : stop + 1] - off[start]).tolist()
-        mv = memoryview(data)
         n = len(data)
         out: list[RawSample] = []
         for i in range(start, stop):
@@ -242,11 +228,10 @@ class ShardReader:
             try:
                 if a >= n:
                     raise SampleError("truncated_tar", f"shard ends {b - n} bytes early, before the sample")
-                key, parts = parse_sample(mv[a:b])
+                key, parts = parse_sample(data, a, b)
                 if b > n:
                     raise SampleError("truncated_tar", f"shard ends {b - n} bytes early, inside the sample")
                 out.append(RawSample(i, key, parts))
             except SampleError as e:
                 out.append(RawSample(i, f"{Path(shard_path).name}#{i}", None, e))
-        del base
         return out
