@@ -15,7 +15,8 @@ Public API (what the training engine calls):
 tokenizer, a path, or None (then `data_cfg.tokenizer`); `model_image_cfg` the model config
 (`JanusConfig`) or an `ImageConfig`. Each micro-batch has `micro_batch_rows` rows of `seq_len`;
 its `meta` carries "step", "micro_step", "task" (und/text/gen, or "mixed" with
-granularity="row"), "keys" / "sources" per row, "row_tasks", "num_docs", "pad_tokens".
+granularity="row"), "rank", "keys" / "sources" per row, "row_tasks", "doc_lengths",
+"num_docs", "pad_tokens", and "skipped" (this rank's skip counts so far).
 
 How it works: `mixing.plan_step` fixes the rows per task and their (micro-step, rank) layout;
 for each task this rank needs rows of, its `TaskPacker` fills them from the task's sources
@@ -118,10 +119,11 @@ class TrainLoader:
         plan = plan_step(cfg.ratio, cfg.global_batch, self.dp_size, cfg.micro_batch_rows, cfg.seed, self.step, cfg.granularity)
         need = plan.rank_rows(self.dp_rank)
         rows = {t: iter(self.packers[t].pack(need[t], self.step)) for t in self.active if need[t] > 0}
+        skipped = self.stats_.state_dict()["skipped"]
         out = []
         for j, per_rank in enumerate(plan.micro_tasks):
             mb_rows = [Row(TASK_ID[t], next(rows[t])) for t in per_rank[self.dp_rank]]
-            meta = {"step": self.step, "micro_step": j, "task": plan.micro_step_task(j), "rank": self.dp_rank}
+            meta = {"step": self.step, "micro_step": j, "task": plan.micro_step_task(j), "rank": self.dp_rank, "skipped": skipped}
             out.append(collate(mb_rows, cfg.seq_len, self.tok.pad_id, self.tok.image_id, self.source_names, meta))
         self.step += 1
         return out
