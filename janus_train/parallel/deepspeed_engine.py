@@ -140,4 +140,9 @@ def set_master_weights(engine, full_sd: dict[str, torch.Tensor], tp_slice=None) 
         value = full_sd[name]
         if tp_slice is not None:
             value = tp_slice(name, value)
+        elif getattr(p, "tensor_model_parallel", False):
+            # parallel.tp > 1: this rank holds a shard; take its slice of the whole tensor.
+            from janus_train.parallel.tensor_parallel import slice_tp_param
+
+            value = slice_tp_param(name, value)
         safe_set_full_fp32_param(p, value.to(device=device, dtype=torch.float32))

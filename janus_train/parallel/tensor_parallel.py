@@ -24,6 +24,7 @@ other's checkpoints.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -37,6 +38,27 @@ from janus_train.models.janus.model import GenHead, JanusModel
 # Parameters split by TP carry megatron's attributes: tensor_model_parallel=True and
 # partition_dim (0 = output rows / vocabulary rows, 1 = input columns).
 _TP_ATTR = "tensor_model_parallel"
+
+# The split, by native parameter name -> the dimension split over TP ranks. Every other
+# parameter is replicated. `apply_tensor_parallel` checks the model it builds against this
+# table; the checkpoint code (gather_tp_param / slice_tp_param) and the memory plan read it.
+TP_PLAN: tuple[tuple[str, int], ...] = (
+    (r"llm\.embed_tokens\.weight", 0),
+    (r"llm\.layers\.\d+\.attn\.[qkv]_proj\.weight", 0),
+    (r"llm\.layers\.\d+\.attn\.o_proj\.weight", 1),
+    (r"llm\.layers\.\d+\.mlp\.(gate|up)_proj\.weight", 0),
+    (r"llm\.layers\.\d+\.mlp\.down_proj\.weight", 1),
+    (r"lm_head\.weight", 0),
+    (r"gen_head\.fc2\.(weight|bias)", 0),
+)
+
+
+def tp_split_dim(name: str) -> int | None:
+    """The dimension TP splits native parameter `name` along, or None if it is replicated."""
+    for pattern, dim in TP_PLAN:
+        if re.fullmatch(pattern, name):
+            return dim
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +339,16 @@ def apply_tensor_parallel(model: JanusModel, mpu: ParallelMPU) -> JanusModel:
     model.llm.embed_tokens = _copy_shard(new_emb, emb, 0, rank, tp)
     model.lm_head = vocab_head(model.lm_head)
     model.gen_head = TPGenHead(model.gen_head.fc1, vocab_head(model.gen_head.fc2))
+    _check_against_plan(model)
     return model
+
+
+def _check_against_plan(model: nn.Module) -> None:
+    """The layers built must split exactly what TP_PLAN says (checkpoints rely on the table)."""
+    for name, p in model.named_parameters():
+        built = p.partition_dim if _is_tp_split(p) else None
+        if built != tp_split_dim(name):
+            raise RuntimeError(f"tensor parallel: {name} is split along {built}, TP_PLAN says {tp_split_dim(name)}")
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -368,6 +399,36 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             t = torch.cat(pieces, dim=v.partition_dim)
         out[k] = t.cpu().clone()
     return out
+
+
+def gather_tp_param(name: str, shard: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of parameter `name` -> the whole tensor (replicated ones pass through).
+
+    Collective over the TP group for split parameters: every TP rank calls it with the same
+    names in the same order (the engine's consolidated_state_dict walks named_parameters).
+    """
+    dim = tp_split_dim(name)
+    if dim is None:
+        return shard
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    pieces = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, shard.contiguous(), group=group)
+    return torch.cat(pieces, dim=dim)
+
+
+def slice_tp_param(name: str, full: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of parameter `name` -> this rank's shard (replicated ones pass through)."""
+    dim = tp_split_dim(name)
+    if dim is None:
+        return full
+    from megatron.core import parallel_state
+
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    if full.shape[dim] % tp:
+        raise ValueError(f"{name}: dimension {dim} of shape {tuple(full.shape)} does not split {tp} ways")
+    return full.chunk(tp, dim=dim)[rank]
 
 
 def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:

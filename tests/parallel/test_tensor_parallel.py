@@ -35,6 +35,7 @@ def test_tp2_matches_tp1(tmp_path):
         assert key in r["split_params"], key
     assert not any(k.startswith(("vision.", "vq.", "und_aligner.", "gen_aligner.")) for k in r["split_params"])
     assert r["full_keys_equal"] and r["full_exact"]
+    assert r["gather_by_name_exact"] and r["slice_by_name_exact"]
     assert max(r["grad_rel"].values()) <= TOL, r["grad_rel"]
     for a, b in zip(r["losses_tp"], r["losses_dense"]):
         assert abs(a - b) <= TOL * abs(b)
@@ -54,6 +55,9 @@ def test_tp2_dp2_zero1_zero2(tmp_path):
         for a, b in zip(res["losses"], res["ref_losses"]):
             assert abs(a - b) <= TOL * abs(b), (stage, res)
         assert res["weights_after_max_abs"] < 1e-2
+        # The engine's checkpoint helpers with TP: whole weights out, whole weights back in.
+        assert res["consolidated_equals_full"] is True
+        assert res["set_master_roundtrip"] is True
 
 
 def test_tp_sizes_must_divide():

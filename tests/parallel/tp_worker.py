@@ -25,12 +25,15 @@ import torch.distributed as dist  # noqa: E402
 from bench.batches import mixed_batch  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402
 from janus_train.models.janus.model import JanusModel  # noqa: E402
+from janus_train.parallel import deepspeed_engine as dse  # noqa: E402
 from janus_train.parallel.tensor_parallel import (  # noqa: E402
     apply_tensor_parallel,
     destroy_tensor_parallel,
     full_state_dict,
+    gather_tp_param,
     init_tensor_parallel,
     load_full_state_dict,
+    slice_tp_param,
 )
 
 SEQ, DOCS, LR, STEPS = 128, 10, 1e-3, 3
@@ -93,6 +96,9 @@ def parity(out_path: str) -> None:
     ref = dense.state_dict()
     report["full_keys_equal"] = sorted(full) == sorted(ref)
     report["full_exact"] = all(torch.equal(full[k], ref[k]) for k in ref)
+    # The by-name helpers the engine's checkpoint code uses agree with both.
+    report["gather_by_name_exact"] = all(torch.equal(gather_tp_param(n, p.detach()), ref[n]) for n, p in tp_model.named_parameters())
+    report["slice_by_name_exact"] = all(torch.equal(slice_tp_param(n, ref[n]), p.detach()) for n, p in tp_model.named_parameters())
     report["split_params"] = sorted(n for n, p in tp_model.named_parameters() if getattr(p, "tensor_model_parallel", False))
 
     # 3. Gradients of one backward: TP shards gathered == dense gradients. Parameters whose
@@ -143,6 +149,7 @@ def zero(out_path: str) -> None:
     report: dict = {"tp": mpu.get_model_parallel_world_size(), "dp": dp}
     for stage in (1, 2):
         dense = dense_model()
+        start_sd = {k: v.clone() for k, v in dense.state_dict().items()}
         ref_opt = torch.optim.AdamW(dense.parameters(), lr=LR, weight_decay=0.0)
         model = apply_tensor_parallel(copy.deepcopy(dense), mpu)
         ds_config = {
@@ -170,7 +177,16 @@ def zero(out_path: str) -> None:
             ref_opt.step()
             ref_losses.append(float(ref))
         after = full_state_dict(engine.module)
+        # The engine's checkpoint path: DeepSpeed's fp32 masters gathered over DP, then TP.
+        cons = dse.consolidated_state_dict(engine, torch.float32, gather_tp_param)
+        cons_equal = None if cons is None else all(torch.equal(cons[k], after[k]) for k in after)
+        # And back: exact whole weights into the shards' masters (a stage hand-over).
+        dse.set_master_weights(engine, start_sd)
+        back = dse.consolidated_state_dict(engine, torch.float32, gather_tp_param)
+        back_equal = None if back is None else all(torch.equal(back[k], start_sd[k]) for k in start_sd)
         report[f"zero{stage}"] = {
+            "consolidated_equals_full": cons_equal,
+            "set_master_roundtrip": back_equal,
             "losses": losses,
             "ref_losses": ref_losses,
             # Adam turns float-noise gradients into +-lr steps, so compare weights absolutely.
