@@ -125,19 +125,29 @@ def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
     return np.dtype(d["descr"]), tuple(d["shape"])
 
 
+_PARSED: dict[bytes, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+
+
 def load_npy(raw: bytes) -> np.ndarray:
     """Decode .npy bytes (read-only array, no copy)."""
     try:
-        if raw[:6] != b"\x93NUMPY":
-            raise ValueError("not an npy file")
-        hlen_size = 2 if raw[6] == 1 else 4
-        hlen = int.from_bytes(raw[8 : 8 + hlen_size], "little")
-        start = 8 + hlen_size + hlen
-        dtype, shape = _npy_header(raw[8 + hlen_size : start])
-        count = 1
-        for n in shape:
-            count *= n
-        return np.frombuffer(raw, dtype=dtype, count=count, offset=start).reshape(shape)
+        hlen = raw[8] | (raw[9] << 8) if raw[6] == 1 else int.from_bytes(raw[8:12], "little")
+        start = (10 if raw[6] == 1 else 12) + hlen
+        header = raw[:start]
+        parsed = _PARSED.get(header)  # shards repeat a few hundred distinct headers at most
+        if parsed is None:
+            if raw[:6] != b"\x93NUMPY":
+                raise ValueError("not an npy file")
+            dtype, shape = _npy_header(raw[start - hlen : start])
+            count = 1
+            for n in shape:
+                count *= n
+            if len(_PARSED) >= 4096:
+                _PARSED.clear()
+            parsed = _PARSED[header] = (dtype, shape, count, start)
+        dtype, shape, count, start = parsed
+        arr = np.frombuffer(raw, dtype=dtype, count=count, offset=start)
+        return arr if len(shape) == 1 else arr.reshape(shape)
     except (ValueError, SyntaxError, KeyError, TypeError, IndexError) as e:
         raise SampleError("bad_codes", f"cannot decode npy: {e}") from None
 

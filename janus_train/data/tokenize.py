@@ -34,6 +34,9 @@ from janus_train.data.packing import Doc
 from janus_train.data.preprocess import open_rgb, und_resize_pad
 
 
+_GEN = TASK_ID["gen"]
+
+
 def tokenizer_fingerprint(backend: Any) -> str:
     """A short hash of a `tokenizers.Tokenizer` (vocab, merges, special tokens)."""
     return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
@@ -213,32 +216,33 @@ class DocBuilder:
         codes = fmt.load_npy(raw_codes)
         if codes.ndim != 1 or codes.dtype.kind not in "iu":
             raise fmt.SampleError("bad_codes", f"codes must be a 1-d integer array, got {codes.dtype}{list(codes.shape)}")
-        if self.num_gen_tokens is not None and codes.shape[0] != self.num_gen_tokens:
-            raise fmt.SampleError("bad_codes", f"{codes.shape[0]} codes, the model uses {self.num_gen_tokens}")
-        if self.codebook_size is not None and codes.size:
+        n_codes = codes.shape[0]
+        if self.num_gen_tokens is not None and n_codes != self.num_gen_tokens:
+            raise fmt.SampleError("bad_codes", f"{n_codes} codes, the model uses {self.num_gen_tokens}")
+        if self.codebook_size is not None and n_codes:
             # unsigned codes (what pretokenize_vq writes) need only the max check
-            if int(codes.max()) >= self.codebook_size or (codes.dtype.kind == "i" and int(codes.min()) < 0):
+            if codes.max() >= self.codebook_size or (codes.dtype.kind == "i" and codes.min() < 0):
                 raise fmt.SampleError("bad_codes", f"codes outside [0, {self.codebook_size})")
         stored = parts.get(fmt.PROMPT_IDS_PART)
         if stored is not None and obj.get("prompt_tokenizer") == self.tok.fingerprint:
             prompt = fmt.load_npy(stored)
         else:
-            prompt = np.asarray(self.tok.encode(conv.gen_prompt(caption)), dtype=np.int32)
-        n_prompt = 1 + prompt.shape[0]
-        n = n_prompt + codes.shape[0]
+            prompt = self.tok.encode(conv.gen_prompt(caption))
+        n_prompt = 1 + len(prompt)
+        n = n_prompt + n_codes
         if n > self.seq_len:
             raise fmt.SampleError("too_long", f"{n} tokens > seq_len {self.seq_len} (gen documents are never cut)")
         ids = np.empty(n, dtype=np.int32)
         ids[0] = self.tok.bos_id
         ids[1:n_prompt] = prompt
         ids[n_prompt:] = codes
-        if ids[n_prompt - 1] != self.tok.boi_id:
-            raise fmt.SampleError("bad_codes", "stored prompt ids do not end with <begin_of_image>")
-        if cfg_dropped(self.seed, key, self.cfg_dropout):
+        if int(ids[n_prompt - 1]) != self.tok.boi_id:
+            raise fmt.SampleError("bad_codes", "the gen prompt does not end with <begin_of_image>")
+        if self.cfg_dropout > 0 and cfg_dropped(self.seed, key, self.cfg_dropout):
             ids[1 : n_prompt - 1] = self.tok.pad_id
         target = np.zeros(n, dtype=bool)
         target[n_prompt:] = True
-        return Doc(key=key, task=TASK_ID["gen"], ids=ids, target=target, gen_start=n_prompt)
+        return Doc(key=key, task=_GEN, ids=ids, target=target, gen_start=n_prompt)
 
     def build(self, task: str, key: str, parts: dict[str, bytes]) -> Doc:
         if task == "und":
