@@ -33,3 +33,38 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: int = 300) -> 
     if proc.returncode != 0:
         pytest.fail(f"torchrun {script} {' '.join(args)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """A small synthetic shapes dataset and tiny init checkpoint for engine-level runs."""
+    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    from janus_train.training.assets import build_shapes_dataset
+
+    root = tmp_path_factory.mktemp("tp_shapes")
+    make_tiny_checkpoint(root / "tiny_init", fmt="hf", seed=0)
+    build_shapes_dataset(root, root / "tiny_init", num_samples=240, image_size=96, seed=0, workers=2)
+    return root
+
+
+def train_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """tiny_demo, stage 2 only, 3 steps, a checkpoint after step 2, ZeRO-2, fp32."""
+    return [
+        "+recipe=tiny_demo", f"data.root={root}", f"model.init_from={root / 'tiny_init'}", f"run_dir={run_dir}",
+        "demo_assets.build=false", "logging.progress=false", "logging.wandb.enabled=false", "logging.sample_every=0",
+        "data.num_workers=0", "train.stages.stage1.enabled=false", "train.stages.stage3.enabled=false",
+        "train.stages.stage2.steps=3", "checkpoint.every_steps=2", "checkpoint.export_hf=false",
+        "parallel.zero_stage=2", "parallel.dtype=fp32", *extra,
+    ]
+
+
+def launch_train(overrides: list[str], nproc: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:
+    """launch/train.py under torchrun (nproc > 1) or plain python; fails the test on error."""
+    train = str(ROOT / "launch" / "train.py")
+    if nproc == 1:
+        env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run([sys.executable, train, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            pytest.fail(f"launch/train.py exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+        return proc
+    return torchrun(nproc, train, *overrides, timeout=timeout)
