@@ -139,3 +139,14 @@ def rows_batch(cfg: JanusConfig, rows: list[list[Document]], seq_len: int) -> Pa
     batch = batch_from_rows(rows, seq_len, pad_id=PAD_ID)
     batch.validate(cfg.num_image_tokens)
     return batch
+
+
+def batch_with_rows(cfg: JanusConfig, rows: int, seq_len: int, seed: int = 0, mix: DocMix | None = None) -> PackedBatch:
+    """Exactly `rows` packed rows: documents are added until packing fills that many rows."""
+    n = rows
+    while True:
+        docs = make_documents(cfg, n, seed, mix, max_len=seq_len)
+        packed = pack_first_fit(docs, seq_len)
+        if len(packed) > rows:
+            return rows_batch(cfg, packed[:rows], seq_len)
+        n = int(n * 1.5) + 1

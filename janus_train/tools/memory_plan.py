@@ -1,0 +1,403 @@
+"""Per-GPU memory estimate of a Janus training configuration, and whether it fits.
+
+    python -m janus_train.tools.memory_plan +recipe=janus_pro_7b parallel.nodes=32 \\
+        parallel.gpus_per_node=8 parallel.zero_stage=3 [parallel.tp=2] [stage=2] [--device-mem-gib 40]
+
+Arguments other than --flags are the training config's Hydra overrides (recipes/), so the plan
+describes exactly what `launch/train.py` would run: model size, stage trainable set, ZeRO
+stage, DP = nodes * gpus_per_node / tp, micro-batch rows, seq_len, dtype, attention backend
+and activation checkpointing. Without stage=N every enabled stage is planned.
+
+What is counted (bytes per GPU), and the assumptions, are in docs/performance.md ("## Memory"):
+  parameters     working copies (bf16; fp32 with dtype=fp32), TP-split ones divided by tp, all
+                 of them divided by dp under ZeRO-3
+  gradients      of trainable parameters; divided by dp from ZeRO-2; plus DeepSpeed's fp32
+                 gradient of its optimizer partition
+  optimizer      fp32 master weights (bf16 only) + AdamW exp_avg + exp_avg_sq, divided by dp
+                 from ZeRO-1
+  activations    tensors saved for backward by *our* implementation (counted tensor by tensor,
+                 see `layer_activation_bytes`), for the chosen checkpointing, plus the largest
+                 backward transient (the lm_head's softmax gradient or one recomputed block)
+  buffers        DeepSpeed's reduce / all-gather buckets, ZeRO-3 gathered parameters
+  overhead       CUDA context, NCCL and allocator slack (--overhead-gib)
+Peak = parameters + optimizer + buffers + overhead + max(activations + transient at the start of
+backward, gradients + optimizer-step temporaries at the update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+from janus_train.models.janus.config import JanusConfig
+
+GIB = 2**30
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+# DeepSpeed 0.19 ZeRO defaults (elements): the engine's generated config does not change them.
+DS_REDUCE_BUCKET = 500_000_000
+DS_ALLGATHER_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 50_000_000
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+
+
+@dataclass
+class PlanSettings:
+    """Everything the estimate depends on. Batch-composition fields left None take the
+    memory worst case: every position supervised by the 102400-way lm_head *and* rows full of
+    und images at once (an upper bound; real rows cannot be both)."""
+
+    model: JanusConfig
+    trainable: list[str]
+    zero_stage: int = 3
+    dp: int = 1
+    tp: int = 1
+    micro_batch_rows: int = 1
+    seq_len: int = 4096
+    dtype: str = "bf16"  # bf16: DeepSpeed bf16 (fp32 masters); fp32: everything fp32
+    checkpointing: str = "none"
+    checkpoint_every: int = 2
+    attention: str = "flash"
+    engine: str = "deepspeed"  # deepspeed | torch (a plain loop with torch AdamW: CPU cross-checks)
+    text_supervised: int | None = None  # lm_head positions per micro-batch
+    gen_supervised: int = 0  # gen head positions per micro-batch
+    gen_inputs: int = 0  # VQ-code input positions per micro-batch
+    und_images: int | None = None  # und images per micro-batch
+    overhead_gib: float = 1.5
+
+    def validate(self) -> "PlanSettings":
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype={self.dtype!r} must be bf16 or fp32")
+        if self.engine == "torch" and self.zero_stage:
+            raise ValueError("engine=torch models a plain loop: zero_stage must be 0")
+        if self.dp < 1 or self.tp < 1 or self.micro_batch_rows < 1 or self.seq_len < 1:
+            raise ValueError(f"dp={self.dp}, tp={self.tp}, micro_batch_rows={self.micro_batch_rows}, seq_len={self.seq_len} must be >= 1")
+        if self.checkpointing not in ("none", "full", "selective"):
+            raise ValueError(f"activation_checkpointing={self.checkpointing!r} is not one of none|full|selective")
+        return self
+
+
+@dataclass
+class MemoryPlan:
+    settings: dict
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    transient: float
+    buffers: float
+    overhead: float
+    peak: float
+    device_mem: float | None
+    fits: bool | None
+    detail: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------
+
+
+def param_counts(cfg: JanusConfig, trainable: list[str], tp: int) -> dict[str, float]:
+    """Parameters held per GPU before ZeRO: trainable / frozen, TP-split ones divided by tp."""
+    import torch
+
+    from janus_train.models.janus.model import JanusModel
+    from janus_train.parallel.tensor_parallel import tp_split_dim
+
+    with torch.device("meta"):
+        model = JanusModel(cfg)
+    out = {"trainable": 0.0, "frozen": 0.0, "largest_trainable": 0.0, "largest_block": 0.0}
+    seen: set[int] = set()
+    for comp in JanusModel.COMPONENTS:
+        for name, p in getattr(model, comp).named_parameters(prefix=comp):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel() / (tp if tp_split_dim(name) is not None else 1)
+            key = "trainable" if comp in trainable else "frozen"
+            out[key] += n
+            if key == "trainable":
+                out["largest_trainable"] = max(out["largest_trainable"], n)
+    block = model.llm.layers[0]
+    out["largest_block"] = sum(p.numel() / (tp if tp_split_dim(f"llm.layers.0.{n}") is not None else 1) for n, p in block.named_parameters())
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Activations: the tensors our model saves for backward, per token
+# ---------------------------------------------------------------------------------------
+
+
+def layer_activation_bytes(cfg: JanusConfig, s: PlanSettings, weights_train: bool) -> dict[str, float]:
+    """Bytes saved per token by one LLM block (no checkpointing), by part.
+
+    RMSNorm (model.py) computes in fp32: it keeps its fp32 input (the bf16 input cast up, or
+    the fp32 input itself) and the normalised value in the working dtype; the q/k/v (gate/up)
+    projections keep the norm's output when their weights train. Attention keeps q, k, v and
+    its output (flash-attn, and torch's CPU SDPA kernel, store the output in the layout o_proj
+    reads, so no second copy); SDPA also keeps the float version of the boolean mask per layer
+    (seq_len values per token); eager keeps the fp32 softmax (and its working-dtype copy).
+    SwiGLU keeps gate, silu(gate), up and their product (the last only for a training
+    down_proj). Heads are split over TP; norm inputs/outputs are whole on every TP rank (no
+    sequence parallelism).
+    """
+    b = DTYPE_BYTES[s.dtype]
+    llm = cfg.llm
+    h, i, tp = llm.hidden_size, llm.intermediate_size, s.tp
+    q_w, kv_w = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
+    norm = (4 + b) * h  # fp32 input + normalised value
+    normed = b * h if weights_train else 0.0
+    if s.attention in ("flash", "flex"):
+        core = b * (2 * q_w + 2 * kv_w) / tp
+    elif s.attention == "sdpa":
+        # The GQA repeat happens before SDPA on this path: k, v are stored q-wide.
+        core = b * 4 * q_w / tp + b * s.seq_len
+    else:  # eager
+        core = b * 4 * q_w / tp + (4 + (b if b == 2 else 0)) * (llm.num_heads / tp) * s.seq_len
+    mlp = b * (4 if weights_train else 3) * i / tp
+    return {"attn_norm": norm, "attn_in": normed, "attention": core, "mlp_norm": norm, "mlp_in": normed, "mlp": mlp}
+
+
+def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float], float]:
+    """(saved activation bytes by part, largest backward transient) for one micro-batch."""
+    from janus_train.training.stages import grads_flow_into_llm
+
+    b = DTYPE_BYTES[s.dtype]
+    t = set(s.trainable)
+    tokens = s.micro_batch_rows * s.seq_len
+    h, L, tp = cfg.llm.hidden_size, cfg.llm.num_layers, s.tp
+    through_llm = grads_flow_into_llm(s.trainable) or "llm" in t
+    per_layer = layer_activation_bytes(cfg, s, "llm" in t)
+    none_layer = sum(per_layer.values())
+    out: dict[str, float] = {}
+    recompute = 0.0
+    if through_llm:
+        if s.checkpointing == "none":
+            layers = L * none_layer
+        elif s.checkpointing == "full":
+            layers = L * b * h  # each block keeps only its input
+            recompute = none_layer
+        elif s.checkpoint_every == 1:  # selective, attention half of every block
+            attn_part = per_layer["attn_norm"] + per_layer["attn_in"] + per_layer["attention"]
+            layers = L * (none_layer - attn_part + b * h)
+            recompute = attn_part
+        else:  # selective: every Nth block in full
+            n_ckpt = len(range(0, L, s.checkpoint_every))
+            layers = n_ckpt * b * h + (L - n_ckpt) * none_layer
+            recompute = none_layer
+        out["llm_blocks"] = layers * tokens
+        out["llm_final_norm"] = (4 + b) * h * tokens
+        # RoPE cos/sin (shared by all blocks), the packed-attention mask (shared).
+        out["rope_and_mask"] = 2 * b * cfg.llm.head_dim * tokens + (s.micro_batch_rows * s.seq_len**2 if s.attention != "flash" else 0)
+    # Heads, on supervised positions only (model.py). CE keeps the fp32 log-softmax; the
+    # projection keeps its gathered input when its weight trains.
+    text_sup = tokens if s.text_supervised is None else s.text_supervised
+    vocab = cfg.llm.vocab_size / tp
+    head_in = b * h if "lm_head" in t else 0.0
+    out["lm_head"] = text_sup * (head_in + 4 * vocab)
+    codebook = cfg.vq.codebook_size / tp
+    g_in = (b * h + 2 * b * cfg.gen_head_hidden) if "gen_head" in t else 0.0
+    out["gen_head"] = s.gen_supervised * (g_in + 4 * codebook)
+    # Backward of the head: the softmax gradient and the incoming gradient, both fp32
+    # (+ the working-dtype cast of the logits' gradient).
+    head_transient = max(text_sup * vocab, s.gen_supervised * codebook) * (8 + (b if b == 2 else 0))
+    if "gen_aligner" in t:
+        out["gen_aligner"] = s.gen_inputs * 2 * b * h
+    images = s.und_images
+    if images is None:
+        per_doc = cfg.num_image_tokens + 8
+        images = s.micro_batch_rows * max(s.seq_len // per_doc, 1 if s.seq_len >= cfg.num_image_tokens else 0)
+    patches = images * cfg.num_image_tokens
+    v = cfg.vision
+    if "vision" in t:
+        inner = int(v.hidden_size * v.mlp_ratio)
+        # Per ViT block and patch: LayerNorm in/out x2, q, k, v, attention output, fc1 out, GELU out.
+        per_block = b * (4 * v.hidden_size + 4 * v.hidden_size + 2 * inner)
+        out["vision"] = patches * (v.num_layers * per_block + 2 * b * v.hidden_size)
+    if "und_aligner" in t:
+        out["und_aligner"] = patches * b * (v.hidden_size + 2 * h)
+    return out, max(head_transient, recompute * tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------
+
+
+def plan_memory(s: PlanSettings, device_mem_gib: float | None = None) -> MemoryPlan:
+    s.validate()
+    cfg = s.model
+    b = DTYPE_BYTES[s.dtype]
+    counts = param_counts(cfg, s.trainable, s.tp)
+    n_t, n_f = counts["trainable"], counts["frozen"]
+    dp, z = s.dp, s.zero_stage
+    detail: dict[str, float] = {"trainable_params_per_gpu_before_zero": n_t, "frozen_params_per_gpu_before_zero": n_f}
+
+    params = b * (n_t + n_f) / (dp if z == 3 else 1)
+    if s.engine == "torch":
+        grads = 4.0 * n_t if s.dtype == "fp32" else (b + 4.0) * n_t
+        optimizer = 8.0 * n_t + (4.0 * n_t if s.dtype == "bf16" else 0.0)
+        step_tmp = 2 * 4.0 * counts["largest_trainable"]
+    else:
+        work_grads = b * n_t / (dp if z >= 2 else 1)
+        fp32_grad_part = 4.0 * n_t / (dp if z >= 1 else 1)  # DeepSpeed's fp32 grad of its partition
+        grads = work_grads + fp32_grad_part
+        optimizer = 12.0 * n_t / (dp if z >= 1 else 1)  # fp32 master + exp_avg + exp_avg_sq
+        step_tmp = 0.0
+        detail["grads_working_dtype"] = work_grads
+        detail["grads_fp32_partition"] = fp32_grad_part
+
+    buffers = 0.0
+    if s.engine == "deepspeed":
+        if z in (1, 2):
+            buffers += b * DS_ALLGATHER_BUCKET + (b * DS_REDUCE_BUCKET if z == 2 else 0.0)
+        elif z == 3:
+            # The block being computed and the prefetched next one, whole (TP shard), and the
+            # reduce-scatter bucket; DeepSpeed caps live gathered parameters.
+            gathered = min(2 * counts["largest_block"] + DS_PREFETCH_BUCKET, DS_MAX_LIVE_PARAMETERS)
+            buffers += b * gathered + b * DS_REDUCE_BUCKET
+    overhead = s.overhead_gib * GIB
+
+    parts, transient = activation_bytes(cfg, s)
+    acts = sum(parts.values())
+    detail.update({f"act_{k}": v for k, v in parts.items()})
+    peak = params + optimizer + buffers + overhead + max(acts + transient, grads + step_tmp)
+    device = device_mem_gib * GIB if device_mem_gib else None
+    return MemoryPlan(
+        settings=_settings_summary(s),
+        params=params,
+        grads=grads,
+        optimizer=optimizer,
+        activations=acts,
+        transient=transient,
+        buffers=buffers,
+        overhead=overhead,
+        peak=peak,
+        device_mem=device,
+        fits=(peak <= device) if device else None,
+        detail=detail,
+    )
+
+
+def _settings_summary(s: PlanSettings) -> dict:
+    d = asdict(s)
+    d["model"] = s.model.name
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# From the training config
+# ---------------------------------------------------------------------------------------
+
+
+def settings_from_config(cfg, stage_index: int | None = None) -> list[tuple[str, PlanSettings]]:
+    """One PlanSettings per stage to plan (the given one, or every enabled stage)."""
+    from omegaconf import OmegaConf
+
+    from janus_train.training.config import stage_settings
+
+    m = cfg.model
+    overrides = dict(OmegaConf.to_container(m.overrides, resolve=True))
+    overrides.update(attention=m.attention, activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
+    model = JanusConfig.from_preset(m.preset, overrides)
+    p = cfg.parallel
+    world = int(p.nodes) * int(p.gpus_per_node)
+    tp = int(p.tp)
+    if world % tp:
+        raise ValueError(f"parallel.tp={tp} does not divide parallel.nodes*gpus_per_node={world}")
+    from janus_train.parallel.tensor_parallel import check_tp_divisibility
+
+    if tp > 1:
+        check_tp_divisibility(model, tp)
+    dtype = "bf16" if p.dtype == "auto" else str(p.dtype)
+    stages = stage_settings(cfg)
+    wanted = stage_index if stage_index is not None else cfg.stage
+    if wanted is not None:
+        stages = [st for st in stages if st.index == wanted]
+        if not stages:
+            raise ValueError(f"stage={wanted} is not an enabled stage")
+    return [
+        (
+            st.name,
+            PlanSettings(
+                model=model,
+                trainable=list(st.trainable),
+                zero_stage=int(p.zero_stage),
+                dp=world // tp,
+                tp=tp,
+                micro_batch_rows=int(cfg.train.micro_batch_rows),
+                seq_len=int(cfg.data.seq_len),
+                dtype=dtype,
+                checkpointing=str(m.activation_checkpointing),
+                checkpoint_every=int(m.checkpoint_every),
+                attention=str(m.attention),
+            ),
+        )
+        for st in stages
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+
+def format_plan(name: str, plan: MemoryPlan) -> str:
+    s = plan.settings
+    lines = [
+        f"{name}: {s['model']}  trainable={','.join(s['trainable'])}",
+        f"  ZeRO-{s['zero_stage']}  dp={s['dp']}  tp={s['tp']}  micro_batch_rows={s['micro_batch_rows']}  seq_len={s['seq_len']}  "
+        f"dtype={s['dtype']}  attention={s['attention']}  checkpointing={s['checkpointing']}"
+        + (f" (every {s['checkpoint_every']})" if s["checkpointing"] == "selective" else ""),
+    ]
+    rows = [
+        ("parameters", plan.params),
+        ("gradients", plan.grads),
+        ("optimizer states", plan.optimizer),
+        ("activations (saved)", plan.activations),
+        ("backward transient", plan.transient),
+        ("DeepSpeed buffers", plan.buffers),
+        ("runtime overhead", plan.overhead),
+        ("peak per GPU", plan.peak),
+    ]
+    for label, value in rows:
+        lines.append(f"  {label:<22}{value / GIB:9.2f} GiB")
+    if plan.fits is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(f"  => {verdict} in {plan.device_mem / GIB:g} GiB (headroom {(plan.device_mem - plan.peak) / GIB:.2f} GiB)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m janus_train.tools.memory_plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="training-config overrides, e.g. +recipe=janus_pro_7b parallel.tp=2 stage=2")
+    p.add_argument("--device-mem-gib", type=float, default=40.0, help="device memory to fit in (default 40: A100-40GB)")
+    p.add_argument("--overhead-gib", type=float, default=1.5, help="CUDA context + NCCL + allocator slack (default 1.5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per stage instead of a table")
+    args = p.parse_args(argv)
+    from janus_train.training.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.overrides)
+        plans = settings_from_config(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    all_fit = True
+    for name, settings in plans:
+        settings.overhead_gib = args.overhead_gib
+        plan = plan_memory(settings, args.device_mem_gib)
+        all_fit &= bool(plan.fits)
+        if args.json:
+            print(json.dumps({"stage": name, **{k: v for k, v in asdict(plan).items()}}))
+        else:
+            print(format_plan(name, plan))
+    return 0 if all_fit else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
