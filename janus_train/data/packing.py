@@ -183,7 +183,7 @@ class TaskPacker:
                 doc = buf.longest_at_most(room)
                 assert doc is not None
                 gap = room - doc.n
-                if self.tolerance < gap < 2 * shortest:
+                if self.tolerance < gap < 2 * shortest and room >= 2 * shortest:
                     # The best single fit would close the row with a gap: look one document
                     # further ahead for a pair that fills it better.
                     first, total = self._pair_first(s, room, step)
@@ -234,6 +234,23 @@ class Row:
     docs: list[Doc] = field(default_factory=list)
 
 
+_CONSTANTS: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _constants(seq_len: int, pad_id: int, total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read-only pad run, no-target run and position ramp, built once per shape."""
+    key = (seq_len, pad_id, total)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        c = (np.full(seq_len, pad_id, dtype=np.int32), np.zeros(seq_len, dtype=bool), np.arange(total, dtype=np.int64))
+        for a in c:
+            a.flags.writeable = False
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = c
+    return c
+
+
 def collate(
     rows: list[Row],
     seq_len: int,
@@ -251,8 +268,7 @@ def collate(
     images: list[Any] = []
     keys: list[list[str]] = []
     sources: list[list[str]] = []
-    pad_ids = np.full(seq_len, pad_id, dtype=np.int32)
-    no_target = np.zeros(seq_len, dtype=bool)
+    pad_ids, no_target, arange = _constants(seq_len, pad_id, total)
     used_total = 0
     for r, row in enumerate(rows):
         used = 0
@@ -273,12 +289,12 @@ def collate(
         keys.append([d.key for d in row.docs])
         names = source_names.get(row.task) if source_names else None
         sources.append([names[d.source] if names else str(d.source) for d in row.docs])
-    ids = np.concatenate(id_parts).astype(np.int64)
+    ids = np.concatenate(id_parts, dtype=np.int64)
     target = np.concatenate(target_parts)
     len_arr = np.asarray(lengths, dtype=np.int64)
     cu = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(len_arr, out=cu[1:])
-    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], len_arr)
+    positions = arange - np.repeat(cu[:-1], len_arr)
     labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
     # BOS and padding are never targets, so a shifted label never crosses a document.
     np.copyto(labels[:-1], ids[1:], where=target[1:])
@@ -294,13 +310,13 @@ def collate(
     pix = None
     if images:
         n_img = sum(int(p.shape[0]) for p in images)
-        pix = torch.empty((n_img, *images[0].shape[1:]), dtype=torch.float32)
+        out = np.empty((n_img, *images[0].shape[1:]), dtype=np.float32)
         i = 0
-        for p in images:
+        for p in images:  # normalise straight from the workers' buffers: no gather copy
             k = int(p.shape[0])
-            pix[i : i + k].copy_(p if isinstance(p, torch.Tensor) else torch.from_numpy(p))
+            normalize_siglip_(p.numpy() if isinstance(p, torch.Tensor) else p, out[i : i + k])
             i += k
-        normalize_siglip_(pix)
+        pix = torch.from_numpy(out)
     out_meta = {
         "keys": keys,
         "sources": sources,

@@ -30,6 +30,7 @@ from janus_train.data.shards import ShardInfo, ShardReader
 from janus_train.data.tokenize import DocBuilder
 
 log = logging.getLogger("janus_train.data")
+LOG_FIRST = 50  # skipped samples logged in full per source and reason, then every 1000th
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,15 @@ class Decoder:
     def __call__(self, req: ReadRequest) -> DecodedChunk:
         wanted = None if req.wanted is None else set(req.start + o for o in req.wanted)
         raws = self.reader.read(req.shard, req.start, req.stop, None if wanted is None else wanted.__contains__)
+        pixels = None
+        if req.task == "und":  # one image per und sample: decode straight into the batch buffer
+            side = self.builder.image_size
+            pixels = torch.empty((max(1, len(raws)), 3, side, side), dtype=torch.uint8)
+            if self.shared_memory:
+                pixels.share_memory_()  # allocated in shm, so writing it is the only copy
+            slots = pixels.numpy()
         offsets, keys, errors, docs = [], [], [], []
+        n_img = 0
         for raw in raws:
             offsets.append(raw.index - req.start)
             keys.append(raw.key)
@@ -102,24 +111,15 @@ class Decoder:
                 docs.append(None)
                 continue
             try:
-                doc = self.builder.build(req.task, raw.key, raw.parts)
+                doc = self.builder.build(req.task, raw.key, raw.parts, slots[n_img] if pixels is not None else None)
                 errors.append(None)
                 docs.append(doc)
+                if doc.pixels is not None:
+                    n_img += doc.pixels.shape[0]
             except SampleError as e:
                 errors.append((e.reason, e.detail))
                 docs.append(None)
         good = [d for d in docs if d is not None]
-        pix = [d.pixels for d in good if d.pixels is not None]
-        pixels = None
-        if pix:
-            n_img = sum(p.shape[0] for p in pix)
-            pixels = torch.empty((n_img, *pix[0].shape[1:]), dtype=torch.uint8)
-            if self.shared_memory:
-                pixels.share_memory_()  # allocate in shm first, so the copy below is the only one
-            out, i = pixels.numpy(), 0
-            for p in pix:
-                out[i : i + p.shape[0]] = p
-                i += p.shape[0]
         return DecodedChunk(
             offsets=offsets,
             keys=keys,
@@ -130,7 +130,7 @@ class Decoder:
             ids=np.concatenate([d.ids for d in good]) if good else np.zeros(0, np.int32),
             target=np.concatenate([d.target for d in good]) if good else np.zeros(0, bool),
             n_images=np.asarray([0 if d is None or d.pixels is None else d.pixels.shape[0] for d in docs], dtype=np.int64),
-            pixels=pixels,
+            pixels=pixels[:n_img] if pixels is not None and n_img else None,
         )
 
 
@@ -231,9 +231,10 @@ class SkipStats:
         self.skipped: dict[str, dict[str, int]] = {}
         self.samples: dict[str, int] = {}
 
-    def skip(self, source: str, reason: str) -> None:
+    def skip(self, source: str, reason: str) -> int:
         d = self.skipped.setdefault(source, {})
         d[reason] = d.get(reason, 0) + 1
+        return d[reason]
 
     def take(self, source: str) -> None:
         self.samples[source] = self.samples.get(source, 0) + 1
@@ -290,8 +291,14 @@ class SourceStream:
             if item is None:
                 continue
             if isinstance(item, SampleError):
-                self.stats.skip(self.label, item.reason)
-                log.warning("skipped %s sample %s of %s in shard %s: %s", item.reason, key, self.label, shard, item.detail)
+                n = self.stats.skip(self.label, item.reason)
+                # Every skip is counted; the log names the first ones and then every 1000th,
+                # so a badly damaged source cannot flood it.
+                if n <= LOG_FIRST or n % 1000 == 0:
+                    log.warning(
+                        "skipped %s sample %s of %s in shard %s: %s (%d %s skips so far)",
+                        item.reason, key, self.label, shard, item.detail, n, item.reason,
+                    )
                 continue
             item.pos = pos
             self.stats.take(self.label)

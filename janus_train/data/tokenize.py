@@ -31,7 +31,7 @@ from janus_train.data import conversation as conv
 from janus_train.data import formats as fmt
 from janus_train.data.batch import TASK_ID
 from janus_train.data.packing import Doc
-from janus_train.data.preprocess import open_rgb, und_resize_pad
+from janus_train.data.preprocess import open_rgb, pad_into_chw, und_resize
 
 
 _GEN = TASK_ID["gen"]
@@ -146,7 +146,9 @@ class DocBuilder:
         arr = np.asarray(ids, dtype=np.int32)
         return Doc(key=key, task=TASK_ID[task], ids=arr, target=np.asarray(target, dtype=bool), gen_start=len(arr))
 
-    def und(self, key: str, parts: dict[str, bytes]) -> Doc:
+    def und(self, key: str, parts: dict[str, bytes], pixel_out: np.ndarray | None = None) -> Doc:
+        """`pixel_out`: a uint8 [3, S, S] buffer to write the padded image into (the decode
+        workers pass a slot of the shared-memory batch buffer); allocated if None."""
         obj = fmt.parse_json(parts.get("json"))
         turns = fmt.get_conversation(obj)
         raw = fmt.image_part(parts)
@@ -164,7 +166,7 @@ class DocBuilder:
             raise fmt.SampleError("bad_conversation", f"{slots} image slots for 1 image")
         try:
             img = open_rgb(raw, self.image_size if self.jpeg_draft else None)
-            pixels = und_resize_pad(img, self.image_size)
+            resized = und_resize(img, self.image_size)
         except Exception as e:  # PIL raises many types for bad data
             raise fmt.SampleError("bad_image", f"{type(e).__name__}: {e}"[:200]) from None
         system = obj.get("system", self.system_prompt)
@@ -179,7 +181,9 @@ class DocBuilder:
             raise fmt.SampleError("bad_conversation", f"{n_img} image tokens, expected {self.num_image_tokens}")
         slot_end = ids.index(self.tok.eoi_id) + 1
         doc = self._finish_text_like(key, "und", ids, target, protect=slot_end)
-        doc.pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]  # uint8 [1, 3, H, W]
+        if pixel_out is None:
+            pixel_out = np.empty((3, self.image_size, self.image_size), dtype=np.uint8)
+        doc.pixels = pad_into_chw(resized, pixel_out)[None]  # uint8 [1, 3, S, S]
         return doc
 
     def text(self, key: str, parts: dict[str, bytes]) -> Doc:
@@ -244,9 +248,9 @@ class DocBuilder:
         target[n_prompt:] = True
         return Doc(key=key, task=_GEN, ids=ids, target=target, gen_start=n_prompt)
 
-    def build(self, task: str, key: str, parts: dict[str, bytes]) -> Doc:
+    def build(self, task: str, key: str, parts: dict[str, bytes], pixel_out: np.ndarray | None = None) -> Doc:
         if task == "und":
-            return self.und(key, parts)
+            return self.und(key, parts, pixel_out)
         if task == "text":
             return self.text(key, parts)
         if task == "gen":
