@@ -206,7 +206,8 @@ def build(
     }
     if summary["written"] == 0:
         raise RuntimeError(f"no usable rows in {manifest} (skipped: {skipped})")
-    prepare_energon(out, workers=max(1, workers), progress=progress)
+    if todo or not (out / ".nv-meta" / ".info.json").is_file():
+        prepare_energon(out, workers=max(1, workers), progress=progress)
     write_janus_meta(out, {"task": task, "source": source, "samples": summary["written"], "builder": "build_shards"})
     (out / "build_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -178,7 +178,8 @@ def pretokenize(
     }
     if summary["written"] == 0:
         raise RuntimeError(f"no sample of {in_dir} could be encoded (skipped: {skipped})")
-    prepare_energon(out_dir, progress=progress)
+    if todo or not (out_dir / ".nv-meta" / ".info.json").is_file():
+        prepare_energon(out_dir, progress=progress)
     src = read_janus_meta(in_dir)
     write_janus_meta(
         out_dir,

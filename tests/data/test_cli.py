@@ -85,6 +85,7 @@ def test_synthetic_build_pretokenize_inspect_chain(tmp_path, tiny_hf_ckpt, capsy
     # --stage picks the paper's ratio (in process: the CLI path is covered above)
     from janus_train.data import inspect
 
+    capsys.readouterr()
     inspect.main(["--data-config", str(d / "data.yaml"), "--ckpt", str(tiny_hf_ckpt), "--seq-len", "256", "--global-batch", "16", "--steps", "1", "--stage", "1"])
     x = json.loads(capsys.readouterr().out.splitlines()[0])
     assert x["rows"] == {"und": 4, "text": 0, "gen": 12}
