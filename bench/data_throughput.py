@@ -15,7 +15,9 @@ of 10-1500 tokens; the model geometry is Janus-Pro's (384 px, 576 image tokens, 
       num_workers=0 (everything in one process) and with --workers decode processes. CPU time
       rather than wall time, because a shared machine's other jobs would otherwise count;
       wall-clock samples/s is printed too;
-  pad fraction at seq_len 4096 for each task and overall, in a 2:3:5 stage-2 mix.
+  pad fraction at seq_len 4096 for each task and overall, in a 2:3:5 stage-2 mix;
+  the best-of-30 time of PIL's JPEG decode and bicubic resize of one image, the floor of the
+      exact und path (transformers' processor makes the same two calls).
 
 Prints one JSON object with every figure.
 """
@@ -151,6 +153,30 @@ def measure(cfg: DataConfig, tok: TokenizerInfo, steps: int, task: str) -> dict:
     }
 
 
+def pil_floor_ms(und_dir: Path, size: int = 384, repeats: int = 30) -> dict:
+    """Best-of-N milliseconds of the two PIL calls the exact und path cannot avoid (JPEG
+    decode and the bicubic resize), on the first few bench images: the per-core ceiling."""
+    from janus_train.data.preprocess import open_rgb
+    from janus_train.data.shards import ShardReader, dataset_shards
+
+    sh = dataset_shards(und_dir)[0]
+    raws = [r.parts["jpg"] for r in ShardReader().read(sh.path, 0, 8)]
+    best = {"decode": float("inf"), "resize": float("inf")}
+    for _ in range(repeats):
+        for raw in raws:
+            t = time.perf_counter()
+            img = open_rgb(raw)
+            t1 = time.perf_counter()
+            w, h = img.size
+            img.resize((size, round(h * size / w)), 3)  # PIL.Image.BICUBIC
+            t2 = time.perf_counter()
+            best["decode"] = min(best["decode"], t1 - t)
+            best["resize"] = min(best["resize"], t2 - t1)
+    out = {k: round(v * 1e3, 3) for k, v in best.items()}
+    out["max_und_samples_per_s_per_core"] = round(1e3 / (out["decode"] + out["resize"]), 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/janus_data_bench", help="where the bench datasets are cached")
@@ -214,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 "torch_threads": torch.get_num_threads(),
                 "dataset_build_seconds": round(build_s, 1),
                 "throughput": results,
+                "und_pil_floor_ms_640x480_to_384": pil_floor_ms(work / "und"),
                 "pad_fraction_seq4096_mix_2_3_5": pad,
             },
             indent=2,
