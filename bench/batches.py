@@ -81,13 +81,25 @@ def gen_doc(rng: random.Random, cfg: JanusConfig, caption_len: int, key: str = "
 
 @dataclass
 class DocMix:
-    """Document-length ranges (uniform) and the und:text:gen document ratio."""
+    """Document-length ranges (uniform, in tokens besides the image tokens) and the
+    und:text:gen document ratio."""
 
     ratio: tuple[int, int, int] = (2, 3, 5)  # Janus-Pro stage 2
     und_prompt: tuple[int, int] = (8, 32)
     und_answer: tuple[int, int] = (8, 64)
     text_len: tuple[int, int] = (32, 256)
     gen_caption: tuple[int, int] = (8, 48)
+
+    @classmethod
+    def janus_pro(cls, scale: float = 1.0) -> "DocMix":
+        """Lengths of bench/data_throughput.py's Janus-Pro-sized data at seq_len 4096 (system
+        prompt + question ~40-70 tokens, answers 10-1500, captions 10-150, text 10-1500),
+        multiplied by `scale` (seq_len / 4096 for smaller models)."""
+
+        def r(lo: int, hi: int) -> tuple[int, int]:
+            return max(2, round(lo * scale)), max(3, round(hi * scale))
+
+        return cls(und_prompt=r(40, 70), und_answer=r(10, 1500), text_len=r(10, 1500), gen_caption=r(10, 150))
 
 
 def make_documents(cfg: JanusConfig, num_docs: int, seed: int = 0, mix: DocMix | None = None, max_len: int | None = None) -> list[Document]:

@@ -74,6 +74,10 @@ def child(args) -> dict:
     model = JanusModel(cfg)
     model.init_weights(seed=args.seed)
     model.train()
+    if args.head_chunk:
+        from janus_train.parallel.chunked_loss import apply_chunked_head_loss
+
+        apply_chunked_head_loss(model, args.head_chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(2):
         _step(model, opt, batch)
@@ -99,6 +103,7 @@ def estimate(args, composition: dict):
         dtype="fp32", checkpointing=args.checkpointing, checkpoint_every=args.checkpoint_every, attention=args.attention,
         engine="torch", text_supervised=composition["text_supervised"], gen_supervised=composition["gen_supervised"],
         gen_inputs=composition["gen_inputs"], und_images=composition["und_images"], overhead_gib=0.0,
+        head_chunk_tokens=args.head_chunk,
     )
     return plan_memory(settings)
 
@@ -111,6 +116,7 @@ def parse_args(argv):
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
     p.add_argument("--checkpoint-every", type=int, default=2)
+    p.add_argument("--head-chunk", type=int, default=None, help="chunked head CE with this many tokens per chunk")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = comp["measured_bytes"]
     print(json.dumps({
         "model": args.model, "rows": args.rows, "seq_len": args.seq_len, "attention": args.attention,
-        "checkpointing": args.checkpointing, "checkpoint_every": args.checkpoint_every, **comp,
+        "checkpointing": args.checkpointing, "checkpoint_every": args.checkpoint_every, "head_chunk": args.head_chunk, **comp,
         "estimated_bytes": int(plan.peak), "ratio_estimate_over_measured": round(plan.peak / measured, 4),
         "estimate_parts_mib": {k: round(v / 2**20, 2) for k, v in
                                {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer,

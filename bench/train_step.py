@@ -42,13 +42,10 @@ from janus_train.data.batch import PackedBatch  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402
 from janus_train.models.janus.model import JanusModel  # noqa: E402
 
-# Per-model defaults: (seq_len, number of documents, document mix). Documents scale with the
-# model's image grid (tiny 16, small 64, 1B 576 image tokens).
-DEFAULTS = {
-    "tiny": (256, 24, DocMix(text_len=(16, 200))),
-    "small": (1024, 48, DocMix(und_answer=(16, 128), text_len=(64, 768))),
-    "janus_pro_1b": (4096, 32, DocMix(und_answer=(16, 256), text_len=(128, 3000))),
-}
+# Per-model defaults: (seq_len, documents per step). Document lengths follow
+# DocMix.janus_pro (the data bench's Janus-Pro-sized data) scaled by seq_len / 4096; image
+# tokens are the model's own (tiny 16, small 64, 1B 576).
+DEFAULTS = {"tiny": (256, 24), "small": (1024, 32), "janus_pro_1b": (4096, 32)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     attention = args.attention or ("flash" if device.type == "cuda" else "sdpa")
-    seq_len, num_docs, mix = DEFAULTS[args.model]
+    seq_len, num_docs = DEFAULTS[args.model]
     seq_len, num_docs = args.seq_len or seq_len, args.docs or num_docs
+    mix = DocMix.janus_pro(scale=seq_len / 4096)
     overhead = args.overhead if args.overhead is not None else args.model == "tiny"
 
     cfg = JanusConfig.from_preset(args.model, {"attention": attention, "activation_checkpointing": args.checkpointing})

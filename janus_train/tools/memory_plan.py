@@ -64,6 +64,7 @@ class PlanSettings:
     gen_supervised: int = 0  # gen head positions per micro-batch
     gen_inputs: int = 0  # VQ-code input positions per micro-batch
     und_images: int | None = None  # und images per micro-batch
+    head_chunk_tokens: int | None = None  # chunked, recomputed head CE (parallel/chunked_loss.py)
     overhead_gib: float = 1.5
 
     def validate(self) -> "PlanSettings":
@@ -197,14 +198,23 @@ def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float
     # projection keeps its gathered input when its weight trains.
     text_sup = tokens if s.text_supervised is None else s.text_supervised
     vocab = cfg.llm.vocab_size / tp
-    head_in = b * h if "lm_head" in t else 0.0
-    out["lm_head"] = text_sup * (head_in + 4 * vocab)
     codebook = cfg.vq.codebook_size / tp
-    g_in = (b * h + 2 * b * cfg.gen_head_hidden) if "gen_head" in t else 0.0
-    out["gen_head"] = s.gen_supervised * (g_in + 4 * codebook)
-    # Backward of the head: the softmax gradient and the incoming gradient, both fp32
-    # (+ the working-dtype cast of the logits' gradient).
-    head_transient = max(text_sup * vocab, s.gen_supervised * codebook) * (8 + (b if b == 2 else 0))
+    # Backward of a head: the fp32 softmax gradient and the incoming gradient (+ the
+    # working-dtype cast of the logits' gradient) next to the kept fp32 log-softmax.
+    grad_bytes = 8 + (b if b == 2 else 0)
+    if s.head_chunk_tokens:
+        # Chunked + recomputed: only the chunk inputs stay; backward rebuilds one chunk's
+        # log-softmax (4 bytes per logit) and its gradients at a time.
+        c = s.head_chunk_tokens
+        out["lm_head"] = text_sup * b * h
+        out["gen_head"] = s.gen_supervised * b * h
+        head_transient = max(min(text_sup, c) * vocab, min(s.gen_supervised, c) * codebook) * (4 + grad_bytes)
+    else:
+        head_in = b * h if "lm_head" in t else 0.0
+        out["lm_head"] = text_sup * (head_in + 4 * vocab)
+        g_in = (b * h + 2 * b * cfg.gen_head_hidden) if "gen_head" in t else 0.0
+        out["gen_head"] = s.gen_supervised * (g_in + 4 * codebook)
+        head_transient = max(text_sup * vocab, s.gen_supervised * codebook) * grad_bytes
     if "gen_aligner" in t:
         out["gen_aligner"] = s.gen_inputs * 2 * b * h
     images = s.und_images

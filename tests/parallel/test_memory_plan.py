@@ -52,9 +52,10 @@ def _peak(overrides: list[str]) -> float:
         ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "none"],
         ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "full"],
         ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "selective", "--checkpoint-every", "1"],
+        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "full", "--head-chunk", "512"],
         ["--model", "small", "--rows", "2", "--seq-len", "256", "--checkpointing", "none"],
     ],
-    ids=["tiny-none", "tiny-full", "tiny-selective-attn", "small-none"],
+    ids=["tiny-none", "tiny-full", "tiny-selective-attn", "tiny-full-chunked-heads", "small-none"],
 )
 def test_estimate_within_15_percent_of_measured_cpu_peak(args):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "peak_memory.py"), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -40,6 +40,7 @@ def test_tp2_matches_tp1(tmp_path):
     for a, b in zip(r["losses_tp"], r["losses_dense"]):
         assert abs(a - b) <= TOL * abs(b)
     assert r["reload_loss_rel"] <= TOL
+    assert r["chunked_grad_rel"] <= TOL
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from bench.batches import mixed_batch  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402
 from janus_train.models.janus.model import JanusModel  # noqa: E402
 from janus_train.parallel import deepspeed_engine as dse  # noqa: E402
+from janus_train.parallel.chunked_loss import apply_chunked_head_loss  # noqa: E402
 from janus_train.parallel.tensor_parallel import (  # noqa: E402
     apply_tensor_parallel,
     destroy_tensor_parallel,
@@ -134,6 +135,17 @@ def parity(out_path: str) -> None:
     with torch.no_grad():
         b = batch_for(9)
         report["reload_loss_rel"] = rel(mean_loss(fresh, b), mean_loss(dense, b))
+
+    # 6. Chunked, recomputed head CE on top of the vocab-parallel heads: same loss and grads.
+    chunked = apply_chunked_head_loss(apply_tensor_parallel(copy.deepcopy(dense), mpu), chunk_tokens=50)
+    b = batch_for(10)
+    dense.zero_grad(set_to_none=True)
+    mean_loss(chunked, b).backward()
+    mean_loss(dense, b).backward()
+    g_chunked = _full_grads(chunked)
+    report["chunked_grad_rel"] = max(
+        rel(g_chunked[n], p.grad) for n, p in dense.named_parameters() if p.grad is not None and p.grad.abs().max() > 1e-6
+    )
 
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(report, indent=1))
