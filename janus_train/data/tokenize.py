@@ -65,6 +65,12 @@ class TokenizerInfo:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; the data path needs one")
+        # Our own copy without truncation/padding: length rules are applied per document here.
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
         ids = {}
         for name, tok in (
             ("bos", conv.BOS_TOKEN),
