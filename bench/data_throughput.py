@@ -177,6 +177,28 @@ def pil_floor_ms(und_dir: Path, size: int = 384, repeats: int = 30) -> dict:
     return out
 
 
+def draft_ms(repeats: int = 30) -> dict:
+    """Best-of-N ms to decode + resize a 1280x960 JPEG to 384 px, with and without
+    `jpeg_draft` (reduced-DCT decoding; fast but not pixel-exact)."""
+    from janus_train.data.preprocess import open_rgb, und_resize
+
+    rng = np.random.default_rng(0)
+    scene = shapes.make_scene(rng)
+    scene["aspect"] = 4 / 3
+    buf = io.BytesIO()
+    shapes.render(scene, 1280, rng).save(buf, "JPEG", quality=90)
+    raw = buf.getvalue()
+    out = {}
+    for name, draft in (("full", None), ("draft", 384)):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            und_resize(open_rgb(raw, draft), 384)
+            best = min(best, time.perf_counter() - t)
+        out[name] = round(best * 1e3, 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/janus_data_bench", help="where the bench datasets are cached")
@@ -241,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                 "dataset_build_seconds": round(build_s, 1),
                 "throughput": results,
                 "und_pil_floor_ms_640x480_to_384": pil_floor_ms(work / "und"),
+                "jpeg_draft_ms_1280x960_to_384": draft_ms(),
                 "pad_fraction_seq4096_mix_2_3_5": pad,
             },
             indent=2,
