@@ -226,6 +226,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
         return self.wait_job(job_id, lambda j: j.get("JobState") in terminal, timeout, "a final state")
 
+    def wait_idle(self, timeout: float = 90) -> None:
+        """Until no job is queued or running and the node is idle (not still completing one)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            queue = self.run(["squeue", "-h"]).stdout.strip()
+            if not queue and self.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle":
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"cluster not idle after {timeout} s: {self.run(['squeue']).stdout}")
+
+    def cancel_all(self) -> None:
+        """Cancel every job (Slurm sends SIGCONT first, so stopped ranks die too) and wait."""
+        self.run(["scancel", "--user=root"], check=False)
+        self.wait_idle()
+
     def release_requeued(self, job_id: int, restarts: int = 1, timeout: float = 120) -> dict[str, str]:
         """Wait until the job is back in the queue after its n-th requeue, then start it now.
 
@@ -235,13 +250,15 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         info = self.wait_job(
             job_id, lambda j: j.get("JobState") == "PENDING" and j.get("Restarts") == str(restarts),
             timeout, f"PENDING after requeue {restarts}")
-        # The old attempt may still be completing on the node; starting the job before the node
-        # is idle again gets the new attempt killed ("Job credential revoked").
+        # slurmd revokes the old attempt's credential when it ends and rejects any credential of
+        # the same job created in or before that second ("Job credential revoked"): let the old
+        # attempt finish on the node, then let the clock move on before starting the new one.
         deadline = time.time() + timeout
         while self.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() != "idle":
             if time.time() > deadline:
                 raise AssertionError(f"node not idle {timeout} s after requeuing job {job_id}")
             time.sleep(0.5)
+        time.sleep(2)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         return info
 
@@ -269,42 +286,42 @@ def python_exe() -> str:
     return sys.executable
 
 
-class FakeTrainer:
-    """tests/cluster/fake_train.py, which follows the training CLI contract (see its docstring).
+class _Trainer:
+    """What the cluster tests need to know about the program they launch.
 
-    Everything a test needs to know about the program under test lives in this class, so the
-    tests switch to the real launch/train.py by swapping it.
+    The tests run the real launch/train.py (RealTrainer). JANUS_CLUSTER_TRAINER=fake swaps in
+    tests/cluster/fake_train.py, a stand-in that follows the same CLI contract in a fraction of
+    the time: handy when changing the Slurm scripts or this harness.
     """
 
-    entry = Path(__file__).with_name("fake_train.py")
-    steps = (4, 4, 4)  # per stage
-    interrupt_after = 3  # steps logged before a test interrupts the run
-    fault_timeout_seconds = 15
+    entry: Path
+    steps = (3, 4, 3)  # optimizer steps per stage
+    interrupt_after = 4  # steps logged before a test interrupts a run (mid stage 2)
+    fault_timeout_seconds = 15  # parallel.timeout_minutes for the fault tests
+
+    def base_overrides(self, run_dir: Path) -> list[str]:
+        raise NotImplementedError
 
     def overrides(self, run_dir: Path) -> list[str]:
-        return ["+recipe=tiny_demo", f"run_dir={run_dir}", "seed=0", "checkpoint.every_steps=2",
-                "logging.wandb.enabled=false",
+        return [*self.base_overrides(run_dir), "checkpoint.every_steps=2",
                 *(f"train.stages.stage{k}.steps={n}" for k, n in zip((1, 2, 3), self.steps))]
 
     def short_overrides(self, run_dir: Path) -> list[str]:
         """One step per stage: enough to prove a launch trains."""
-        return ["+recipe=tiny_demo", f"run_dir={run_dir}", "logging.wandb.enabled=false",
-                *(f"train.stages.stage{k}.steps=1" for k in (1, 2, 3))]
+        return [*self.base_overrides(run_dir), *(f"train.stages.stage{k}.steps=1" for k in (1, 2, 3))]
 
     def fault_overrides(self) -> list[str]:
         return [f"parallel.timeout_minutes={self.fault_timeout_seconds / 60}"]
 
     def job_env(self, pid_dir: Path | None = None) -> dict[str, str]:
         env = {"JANUS_DEVICE": "cpu", "JANUS_ENTRY": str(self.entry), "JANUS_PYTHON": sys.executable,
-               "FAKE_STEP_SECONDS": "0.3",
-               # A preemption save that outlasts a signal round trip: it proves that nothing
-               # (srun's own TERM handling included) kills a rank while it saves.
-               "FAKE_PREEMPT_SAVE_SECONDS": "3"}
+               "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         if pid_dir is not None:
             env["JANUS_PID_DIR"] = str(pid_dir)
         return env
 
     def expected_steps(self) -> list[tuple[int, int]]:
+        """(stage, global step) of every step an uninterrupted run logs."""
         keys, step = [], 0
         for stage, n in zip((1, 2, 3), self.steps):
             for _ in range(n):
@@ -312,13 +329,52 @@ class FakeTrainer:
                 keys.append((stage, step))
         return keys
 
-    def rank_line(self, rank: int) -> str:
-        return f"{rank}: rank {rank}/2 "
+
+class RealTrainer(_Trainer):
+    entry = REPO / "launch" / "train.py"
+
+    def __init__(self, shapes_root: Path):
+        self.root = shapes_root
+
+    def base_overrides(self, run_dir: Path) -> list[str]:
+        return ["+recipe=tiny_demo", f"run_dir={run_dir}", f"data.root={self.root}",
+                f"model.init_from={self.root / 'tiny_init'}", "demo_assets.build=false",
+                "logging.progress=false", "logging.wandb.enabled=false", "logging.sample_every=0",
+                "data.num_workers=0", "checkpoint.export_hf=false"]
+
+    def job_env(self, pid_dir: Path | None = None) -> dict[str, str]:
+        # A tiny step takes ~0.3 s here; slowing it gives a signal time to land mid-run.
+        return dict(super().job_env(pid_dir), JANUS_FAULT="step_sleep:1.0")
+
+    def resumed_line(self, step: int | None) -> str:
+        return "resuming from" if step is None else f"step_{step:08d} (stage"
+
+
+class FakeTrainer(_Trainer):
+    entry = Path(__file__).with_name("fake_train.py")
+
+    def base_overrides(self, run_dir: Path) -> list[str]:
+        return ["+recipe=tiny_demo", f"run_dir={run_dir}", "seed=0", "logging.wandb.enabled=false"]
+
+    def job_env(self, pid_dir: Path | None = None) -> dict[str, str]:
+        return dict(super().job_env(pid_dir), FAKE_STEP_SECONDS="0.3",
+                    # A preemption save that outlasts a signal round trip: it proves that nothing
+                    # (srun's own TERM handling included) kills a rank while it saves.
+                    FAKE_PREEMPT_SAVE_SECONDS="3")
 
     def resumed_line(self, step: int | None) -> str:
         return "resumed from" if step is None else f"at step {step}"
 
 
 @pytest.fixture(scope="session")
-def trainer():
-    return FakeTrainer()
+def trainer(tmp_path_factory):
+    if os.environ.get("JANUS_CLUSTER_TRAINER", "real") == "fake":
+        return FakeTrainer()
+    # A small synthetic shapes dataset and tiny init checkpoint, built once (about 20 s).
+    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    from janus_train.training.assets import build_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_tiny_checkpoint(root / "tiny_init", fmt="hf", seed=0)
+    build_shapes_dataset(root, root / "tiny_init", num_samples=240, image_size=96, seed=0, workers=2)
+    return RealTrainer(root)

@@ -37,6 +37,8 @@ KNOWN = {
     "checkpoint.every_steps": "2",
     "parallel.zero_stage": "2",
     "parallel.timeout_minutes": "10",
+    "parallel.nodes": "1",
+    "parallel.gpus_per_node": "8",
     "logging.wandb.enabled": "true",
     "data.root": "data/tiny",
 }
@@ -161,4 +163,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:  # like the engine: one line that names the rank and the error
+        print(f"rank {os.environ.get('RANK')}: training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
