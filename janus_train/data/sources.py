@@ -58,8 +58,15 @@ class DecodedChunk:
     # uint8 [images, 3, H, W]. A torch tensor so that, coming from a worker, it travels through
     # shared memory (torch's multiprocessing reductions) instead of being pickled.
     pixels: torch.Tensor | None
+    # Decoding in the training process skips the columnar round trip and hands over the docs.
+    docs: list[Doc | None] | None = None
 
     def items(self) -> list[tuple[int, str, Doc | SampleError]]:
+        if self.docs is not None:
+            return [
+                (off, key, doc if doc is not None else SampleError(*err))  # type: ignore[misc]
+                for off, key, doc, err in zip(self.offsets, self.keys, self.docs, self.errors)
+            ]
         out: list[tuple[int, str, Doc | SampleError]] = []
         p = img = 0
         for i, off in enumerate(self.offsets):
@@ -86,10 +93,10 @@ class DecodedChunk:
 class Decoder:
     """Reads and tokenises requests; one per worker process (or in-process)."""
 
-    def __init__(self, builder: DocBuilder, shared_memory: bool = False) -> None:
+    def __init__(self, builder: DocBuilder, in_worker: bool = False) -> None:
         self.builder = builder
         self.reader = ShardReader()
-        self.shared_memory = shared_memory
+        self.in_worker = in_worker  # results cross a process boundary
 
     def __call__(self, req: ReadRequest) -> DecodedChunk:
         wanted = None if req.wanted is None else set(req.start + o for o in req.wanted)
@@ -98,7 +105,7 @@ class Decoder:
         if req.task == "und":  # one image per und sample: decode straight into the batch buffer
             side = self.builder.image_size
             pixels = torch.empty((max(1, len(raws)), 3, side, side), dtype=torch.uint8)
-            if self.shared_memory:
+            if self.in_worker:
                 pixels.share_memory_()  # allocated in shm, so writing it is the only copy
             slots = pixels.numpy()
         offsets, keys, errors, docs = [], [], [], []
@@ -119,6 +126,9 @@ class Decoder:
             except SampleError as e:
                 errors.append((e.reason, e.detail))
                 docs.append(None)
+        if not self.in_worker:  # in-process: no need to pack the docs into arrays
+            empty = np.zeros(0, np.int64)
+            return DecodedChunk(offsets, keys, errors, empty, empty, empty, np.zeros(0, np.int32), np.zeros(0, bool), empty, pixels, docs=docs)
         good = [d for d in docs if d is not None]
         return DecodedChunk(
             offsets=offsets,
@@ -140,7 +150,7 @@ _WORKER_DECODER: Decoder | None = None
 def _init_worker(builder: DocBuilder) -> None:
     global _WORKER_DECODER
     torch.set_num_threads(1)  # workers do numpy/PIL work; never oversubscribe the cores
-    _WORKER_DECODER = Decoder(builder, shared_memory=True)
+    _WORKER_DECODER = Decoder(builder, in_worker=True)
 
 
 def _decode_in_worker(req: ReadRequest) -> DecodedChunk:
