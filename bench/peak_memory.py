@@ -83,7 +83,11 @@ def child(args) -> dict:
         _step(model, opt, batch)
     measured = _hwm_bytes() - base
     sup = batch.supervised_tokens()
+    from janus_train.models import attention
+
+    docs = attention.PackedDocs.from_cu_seqlens(batch.cu_seqlens, batch.max_seqlen, batch.num_rows, batch.seq_len)
     return {
+        "sdpa_by_document": args.attention == "sdpa" and attention._by_document_pays(docs, cfg.llm.hidden_size),
         "measured_bytes": measured,
         "text_supervised": sup["und"] + sup["text"],
         "gen_supervised": sup["gen"],
@@ -103,7 +107,7 @@ def estimate(args, composition: dict):
         dtype="fp32", checkpointing=args.checkpointing, checkpoint_every=args.checkpoint_every, attention=args.attention,
         engine="torch", text_supervised=composition["text_supervised"], gen_supervised=composition["gen_supervised"],
         gen_inputs=composition["gen_inputs"], und_images=composition["und_images"], overhead_gib=0.0,
-        head_chunk_tokens=args.head_chunk,
+        head_chunk_tokens=args.head_chunk, sdpa_by_document=composition["sdpa_by_document"],
     )
     return plan_memory(settings)
 

@@ -37,6 +37,7 @@ class PackedDocs:
     doc_ids: torch.Tensor  # long [R, S]
     _dense: torch.Tensor | None = None
     _block_mask: object | None = None
+    _segments: list[tuple[int, int, int]] | None = None
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int, rows: int, seq_len: int) -> "PackedDocs":
@@ -46,6 +47,13 @@ class PackedDocs:
     def single_document_rows(cls, rows: int, seq_len: int, device: torch.device | str = "cpu") -> "PackedDocs":
         cu = torch.arange(0, rows * seq_len + 1, seq_len, dtype=torch.int32, device=device)
         return cls.from_cu_seqlens(cu, seq_len, rows, seq_len)
+
+    def row_segments(self) -> list[tuple[int, int, int]]:
+        """(row, start, end) of every document, in row coordinates (host-side, cached)."""
+        if self._segments is None:
+            cu = self.cu_seqlens.tolist()
+            self._segments = [(a // self.seq_len, a % self.seq_len, a % self.seq_len + (b - a)) for a, b in zip(cu[:-1], cu[1:])]
+        return self._segments
 
     def dense_mask(self) -> torch.Tensor:
         """bool [R, 1, S, S]: True where query i may attend key j (same doc and j <= i)."""
@@ -116,6 +124,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Pa
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if backend == "sdpa":
+        if q.device.type == "cpu" and _by_document_pays(docs, q.shape[1] * q.shape[-1]):
+            return _sdpa_by_document(q, k, v, docs)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.dense_mask())
     if backend == "eager":
         return _eager(q, k, v, docs.dense_mask(), causal=False)
@@ -134,6 +144,31 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Pa
         )
         return out.view(r, s, h, d).transpose(1, 2)
     raise ValueError(f"unknown attention backend {backend!r}")
+
+
+# CPU only: running SDPA document by document (causal, no mask) skips the masked-out blocks
+# that a masked call over the whole row computes anyway, but costs a Python-level call per
+# document. Worth it when the skipped work per call exceeds this many FLOPs (~0.1 ms of one
+# CPU core, a generous bound on a call's overhead). Packed rows of long documents qualify;
+# the tiny test model's short rows do not.
+BY_DOCUMENT_MIN_SAVED_FLOPS_PER_CALL = 5e6
+
+
+def _by_document_pays(docs: PackedDocs, width: int) -> bool:
+    segments = docs.row_segments()
+    dense = docs.rows * docs.seq_len**2
+    by_doc = sum((e - s) * (e - s + 1) // 2 for _, s, e in segments)
+    # QK^T and AV, forward and backward: ~ 6 * 2 * width FLOPs per score.
+    saved = 12.0 * width * (dense - by_doc)
+    return saved > BY_DOCUMENT_MIN_SAVED_FLOPS_PER_CALL * len(segments)
+
+
+def _sdpa_by_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs) -> torch.Tensor:
+    """The block-diagonal causal attention of `docs`, one causal SDPA call per document."""
+    rows: list[list[torch.Tensor]] = [[] for _ in range(docs.rows)]
+    for r, s, e in docs.row_segments():
+        rows[r].append(F.scaled_dot_product_attention(q[r : r + 1, :, s:e], k[r : r + 1, :, s:e], v[r : r + 1, :, s:e], is_causal=True))
+    return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:

@@ -65,6 +65,7 @@ class PlanSettings:
     gen_inputs: int = 0  # VQ-code input positions per micro-batch
     und_images: int | None = None  # und images per micro-batch
     head_chunk_tokens: int | None = None  # chunked, recomputed head CE (parallel/chunked_loss.py)
+    sdpa_by_document: bool = False  # CPU sdpa ran one call per document (models/attention.py)
     overhead_gib: float = 1.5
 
     def validate(self) -> "PlanSettings":
@@ -154,6 +155,10 @@ def layer_activation_bytes(cfg: JanusConfig, s: PlanSettings, weights_train: boo
     normed = b * h if weights_train else 0.0
     if s.attention in ("flash", "flex"):
         core = b * (2 * q_w + 2 * kv_w) / tp
+    elif s.attention == "sdpa" and s.sdpa_by_document:
+        # CPU, one causal call per document: q, k, v, each document's output, and the
+        # concatenated output re-laid out for o_proj; no mask.
+        core = b * 5 * q_w / tp
     elif s.attention == "sdpa":
         # The GQA repeat happens before SDPA on this path: k, v are stored q-wide.
         core = b * 4 * q_w / tp + b * s.seq_len
@@ -193,7 +198,8 @@ def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float
         out["llm_blocks"] = layers * tokens
         out["llm_final_norm"] = (4 + b) * h * tokens
         # RoPE cos/sin (shared by all blocks), the packed-attention mask (shared).
-        out["rope_and_mask"] = 2 * b * cfg.llm.head_dim * tokens + (s.micro_batch_rows * s.seq_len**2 if s.attention != "flash" else 0)
+        dense_mask = s.attention == "eager" or (s.attention == "sdpa" and not s.sdpa_by_document)
+        out["rope_and_mask"] = 2 * b * cfg.llm.head_dim * tokens + (s.micro_batch_rows * s.seq_len**2 if dense_mask else 0)
     # Heads, on supervised positions only (model.py). CE keeps the fp32 log-softmax; the
     # projection keeps its gathered input when its weight trains.
     text_sup = tokens if s.text_supervised is None else s.text_supervised

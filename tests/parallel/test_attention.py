@@ -41,24 +41,38 @@ def _with_backend(model: JanusModel, backend: str) -> JanusModel:
     return m
 
 
+# "sdpa" on CPU runs either one masked call per layer or one causal call per document
+# (attention.py decides by the work it saves); both must be exact. These force each path.
+SDPA_PATHS = {"sdpa-masked": float("inf"), "sdpa-by-document": 0.0}
+
+
+@pytest.fixture(params=["eager", "sdpa-masked", "sdpa-by-document", "flex"])
+def backend(request, monkeypatch):
+    name = request.param
+    if name in SDPA_PATHS:
+        monkeypatch.setattr(attn_mod, "BY_DOCUMENT_MIN_SAVED_FLOPS_PER_CALL", SDPA_PATHS[name])
+        return "sdpa"
+    return name
+
+
 def _loss(model, batch) -> torch.Tensor:
     out = model(batch)
     return out.total_sum() / sum(out.num_tokens.values())
 
 
-def test_backends_same_outputs(model_and_batch):
+def test_backends_same_outputs(model_and_batch, backend):
     model, batch = model_and_batch
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex's "use torch.compile" advice on CPU
         ref = _with_backend(model, "eager").hidden_states(batch)
-        for backend in ("sdpa", "flex"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # flex's "use torch.compile" advice on CPU
-                h = _with_backend(model, backend).hidden_states(batch)
-            assert rel(h, ref) <= TOL, backend
+        h = _with_backend(model, backend).hidden_states(batch)
+    assert rel(h, ref) <= TOL
 
 
-def test_sdpa_eager_same_gradients(model_and_batch):
+@pytest.mark.parametrize("path", list(SDPA_PATHS))
+def test_sdpa_eager_same_gradients(model_and_batch, path, monkeypatch):
     model, batch = model_and_batch
+    monkeypatch.setattr(attn_mod, "BY_DOCUMENT_MIN_SAVED_FLOPS_PER_CALL", SDPA_PATHS[path])
     grads = {}
     for backend in ("eager", "sdpa"):
         m = _with_backend(model, backend)
@@ -80,7 +94,12 @@ def test_function_level_backends_agree_with_gqa():
     k = torch.randn(rows, kv_heads, seq, dim, generator=g)
     v = torch.randn(rows, kv_heads, seq, dim, generator=g)
     ref = packed_attention(q, k, v, docs, "eager")
-    assert rel(packed_attention(q, k, v, docs, "sdpa"), ref) <= TOL
+    for threshold in SDPA_PATHS.values():
+        attn_mod.BY_DOCUMENT_MIN_SAVED_FLOPS_PER_CALL, saved = threshold, attn_mod.BY_DOCUMENT_MIN_SAVED_FLOPS_PER_CALL
+        try:
+            assert rel(packed_attention(q, k, v, docs, "sdpa"), ref) <= TOL
+        finally:
+            attn_mod.BY_DOCUMENT_MIN_SAVED_FLOPS_PER_CALL = saved
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert rel(packed_attention(q, k, v, docs, "flex"), ref) <= TOL
@@ -110,7 +129,6 @@ def _perturb(batch, target: int):
     return out, in_doc
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
 def test_no_cross_document_attention(model_and_batch, backend):
     """Change one document (tokens and image): only its own logits move, in every backend."""
     model, batch = model_and_batch
