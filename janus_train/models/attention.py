@@ -165,10 +165,19 @@ def _by_document_pays(docs: PackedDocs, width: int) -> bool:
 
 def _sdpa_by_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs) -> torch.Tensor:
     """The block-diagonal causal attention of `docs`, one causal SDPA call per document."""
-    rows: list[list[torch.Tensor]] = [[] for _ in range(docs.rows)]
+    lengths: list[list[int]] = [[] for _ in range(docs.rows)]
     for r, s, e in docs.row_segments():
-        rows[r].append(F.scaled_dot_product_attention(q[r : r + 1, :, s:e], k[r : r + 1, :, s:e], v[r : r + 1, :, s:e], is_causal=True))
-    return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
+        lengths[r].append(e - s)
+    rows = []
+    # unbind/split rather than slicing: their backward is one stack/cat, where every slice's
+    # backward would write its gradient into a fresh zero tensor of the whole input's size.
+    for qr, kr, vr, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), lengths):
+        parts = [
+            F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True)
+            for qd, kd, vd in zip(qr.split(lens, dim=1), kr.split(lens, dim=1), vr.split(lens, dim=1))
+        ]
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
