@@ -9,10 +9,11 @@ Choosing documents (`TaskPacker.pack`): documents of a task arrive from its sour
 look-ahead buffer per source. The source of the next document is always the one the
 `SourceBlender` names (so sources keep their weights exactly, counted on packed documents),
 and from that source's buffer we take the longest document that fits the fullest row that
-can still take that source's shortest document; if that leaves a gap, we instead take the
-first document of the fullest pair (this source, then the blender's next source) that fits.
-When nothing fits, the step's rows for this task are closed and padded. This fills one row
-nearly to the brim before the next and keeps the pad fraction low (docs/performance.md); a document that waited `max_wait_steps` steps goes next regardless, so
+can still take that source's shortest document; if that would close the row with a gap, we
+instead take the first document of the fullest pair (this source, then the blender's next
+source) that fits. When nothing fits, the step's rows for this task are closed and padded.
+This fills one row nearly to the brim before the next and keeps the pad fraction low
+(docs/performance.md). A document that waited `max_wait_steps` steps goes next regardless, so
 nothing starves. When the blender has a short period P (weights like 1:1 -> P=2), the
 documents packed per step are rounded down to a multiple of P by returning the last ones to
 their buffers, which makes every step's per-rank source counts exact (and therefore exact
