@@ -241,7 +241,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.run(["scancel", "--user=root"], check=False)
         self.wait_idle()
 
-    def release_requeued(self, job_id: int, restarts: int = 1, timeout: float = 120) -> dict[str, str]:
+    def release_requeued(self, job_id: int, restarts: int = 1, timeout: float = 120,
+                         extend_minutes: int | None = None) -> dict[str, str]:
         """Wait until the job is back in the queue after its n-th requeue, then start it now.
 
         Slurm holds a requeued job for about two minutes (Reason=BeginTime); that is
@@ -259,6 +260,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 raise AssertionError(f"node not idle {timeout} s after requeuing job {job_id}")
             time.sleep(0.5)
         time.sleep(2)
+        if extend_minutes:
+            self.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={extend_minutes}"])
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         return info
 
@@ -346,6 +349,10 @@ class RealTrainer(_Trainer):
         # A tiny step takes ~0.3 s here; slowing it gives a signal time to land mid-run.
         return dict(super().job_env(pid_dir), JANUS_FAULT="step_sleep:1.0")
 
+    def slow_env(self) -> dict[str, str]:
+        """Steps of ~4.3 s: a 10-step run outlasts a signal that Slurm's timer may send late."""
+        return {"JANUS_FAULT": "step_sleep:4.0"}
+
     def resumed_line(self, step: int | None) -> str:
         return "resuming from" if step is None else f"step_{step:08d} (stage"
 
@@ -361,6 +368,9 @@ class FakeTrainer(_Trainer):
                     # A preemption save that outlasts a signal round trip: it proves that nothing
                     # (srun's own TERM handling included) kills a rank while it saves.
                     FAKE_PREEMPT_SAVE_SECONDS="3")
+
+    def slow_env(self) -> dict[str, str]:
+        return {"FAKE_STEP_SECONDS": "4.0"}
 
     def resumed_line(self, step: int | None) -> str:
         return "resumed from" if step is None else f"at step {step}"

@@ -137,6 +137,26 @@ def test_preempted_job_requeues_and_resumes_to_equal_losses(slurm_cluster, train
     assert_same_losses(run_dir, reference["run_dir"])
 
 
+def test_time_limit_signal_requeues_and_resumes(slurm_cluster, trainer, reference, tmp_path):
+    """The real thing behind acceptance (2): Slurm's own timer sends USR1 (`--signal=B:USR1@100`
+    with a 2-minute limit: 20 s in, give or take Slurm's ~30 s check period), the job requeues
+    itself, and after a longer limit the resumed job completes with the uninterrupted losses."""
+    run_dir = tmp_path / "run"
+    env = trainer.job_env(pid_dir=run_dir / "pids")
+    env.update(trainer.slow_env())  # long enough that the signal lands mid-run
+    job_id = slurm_cluster.sbatch([*CPU_JOB, "--time=2", "--signal=B:USR1@100", f"--output={tmp_path}/slurm-%j.out",
+                                   str(SBATCH), *trainer.overrides(run_dir)], env=env)
+    slurm_cluster.wait_job(job_id, lambda j: j.get("Restarts") == "1" or j.get("JobState") != "RUNNING"
+                           and j.get("JobState") != "PENDING", 240, "a requeue")
+    slurm_cluster.release_requeued(job_id, extend_minutes=30)
+    assert "USR1: asking the ranks" in job_log(run_dir, job_id)
+    info = slurm_cluster.wait_done(job_id, JOB_TIMEOUT)
+    log = job_log(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log}"
+    assert trainer.resumed_line(None) in log, log
+    assert_same_losses(run_dir, reference["run_dir"])
+
+
 def test_bad_override_fails_fast_with_config_error(slurm_cluster, trainer, tmp_path):
     """Acceptance (3): a config error ends the job (exit 2, no requeue) with the error in its log."""
     run_dir = tmp_path / "run"
