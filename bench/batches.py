@@ -162,3 +162,35 @@ def batch_with_rows(cfg: JanusConfig, rows: int, seq_len: int, seed: int = 0, mi
         if len(packed) > rows:
             return rows_batch(cfg, packed[:rows], seq_len)
         n = int(n * 1.5) + 1
+
+
+def fill_rows(cfg: JanusConfig, rows: int, seq_len: int, seed: int = 0, mix: DocMix | None = None, max_misses: int = 16) -> tuple[PackedBatch, list[Document]]:
+    """`rows` full rows of i.i.d. documents (und/text/gen in `mix.ratio`), first fit in stream
+    order: each document goes into the first row with room; after `max_misses` documents in a
+    row that fit nowhere, the rows are closed. Rows end up nearly full, like the training
+    loader's (~2% pad at seq_len 4096, docs/performance.md), and the documents are an unsorted
+    sample of the length distribution: the unpacked baseline batches them in this order.
+    Returns the batch and the documents it holds, in stream order."""
+    packed: list[list[Document]] = [[] for _ in range(rows)]
+    room = [seq_len] * rows
+    used: list[Document] = []
+    misses = 0
+    for d in _document_stream(cfg, seed, mix or DocMix(), seq_len):
+        i = next((i for i in range(rows) if len(d) <= room[i]), None)
+        if i is None:
+            misses += 1
+            if misses >= max_misses:
+                break
+            continue
+        misses = 0
+        packed[i].append(d)
+        room[i] -= len(d)
+        used.append(d)
+    return rows_batch(cfg, packed, seq_len), used
+
+
+def _document_stream(cfg: JanusConfig, seed: int, mix: DocMix, seq_len: int):
+    i = 0
+    while True:
+        yield from make_documents(cfg, 10 * sum(mix.ratio), seed=seed * 100_003 + i, mix=mix, max_len=seq_len)
+        i += 1

@@ -2,8 +2,9 @@
 
     python bench/train_step.py --model tiny [--attention sdpa] [--seq-len L] [--steps N]
 
-Both systems train on the same documents (a fixed mixed und/text/gen set, Janus-Pro stage-2
-ratio 2:3:5) with AdamW and grad clipping, in this process, on the same device, from the same
+Both systems train on the same documents (i.i.d. und/text/gen documents in the Janus-Pro
+stage-2 ratio 2:3:5, as many as fill --rows rows by first fit, see bench/batches.py:fill_rows)
+with AdamW and grad clipping, in this process, on the same device, from the same
 weights; their steps are interleaved (ours, baseline, ours, ...) so a busy machine slows both
 alike, and the median step time is reported.
 
@@ -36,16 +37,16 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.batches import DocMix, mixed_batch  # noqa: E402
+from bench.batches import DocMix, fill_rows  # noqa: E402
 from bench.flops import MFU_FORMULA, device_peak, step_flops  # noqa: E402
 from janus_train.data.batch import PackedBatch  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402
 from janus_train.models.janus.model import JanusModel  # noqa: E402
 
-# Per-model defaults: (seq_len, documents per step). Document lengths follow
+# Per-model defaults: (seq_len, packed rows per step). Document lengths follow
 # DocMix.janus_pro (the data bench's Janus-Pro-sized data) scaled by seq_len / 4096; image
 # tokens are the model's own (tiny 16, small 64, 1B 576).
-DEFAULTS = {"tiny": (256, 24), "small": (1024, 32), "janus_pro_1b": (4096, 32)}
+DEFAULTS = {"tiny": (256, 4), "small": (1024, 6), "janus_pro_1b": (4096, 8)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", choices=sorted(DEFAULTS))
     p.add_argument("--attention", default=None, help="flash|sdpa|flex|eager (default: flash on CUDA, sdpa on CPU)")
     p.add_argument("--seq-len", type=int, default=None, help="packed row length (default per model)")
-    p.add_argument("--docs", type=int, default=None, help="documents per step (default per model)")
+    p.add_argument("--rows", type=int, default=None, help="packed rows per step (default per model)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per system")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
@@ -180,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     attention = args.attention or ("flash" if device.type == "cuda" else "sdpa")
-    seq_len, num_docs = DEFAULTS[args.model]
-    seq_len, num_docs = args.seq_len or seq_len, args.docs or num_docs
+    seq_len, rows = DEFAULTS[args.model]
+    seq_len, rows = args.seq_len or seq_len, args.rows or rows
     mix = DocMix.janus_pro(scale=seq_len / 4096)
     overhead = args.overhead if args.overhead is not None else args.model == "tiny"
 
     cfg = JanusConfig.from_preset(args.model, {"attention": attention, "activation_checkpointing": args.checkpointing})
-    batch, docs = mixed_batch(cfg, seq_len, num_docs, seed=args.seed, mix=mix)
+    batch, docs = fill_rows(cfg, rows, seq_len, seed=args.seed, mix=mix)
     batch = batch.to(device, float_dtype=dtype)
     flops = step_flops(cfg, batch)
     peak, peak_src = (args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else device_peak(device, dtype)
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).replace("torch.", ""),
         "attention": attention,
         "seq_len": seq_len,
-        "docs": num_docs,
+        "rows": rows,
+        "docs": len(docs),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 

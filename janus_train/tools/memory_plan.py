@@ -368,7 +368,8 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
         f"{name}: {s['model']}  trainable={','.join(s['trainable'])}",
         f"  ZeRO-{s['zero_stage']}  dp={s['dp']}  tp={s['tp']}  micro_batch_rows={s['micro_batch_rows']}  seq_len={s['seq_len']}  "
         f"dtype={s['dtype']}  attention={s['attention']}  checkpointing={s['checkpointing']}"
-        + (f" (every {s['checkpoint_every']})" if s["checkpointing"] == "selective" else ""),
+        + (f" (every {s['checkpoint_every']})" if s["checkpointing"] == "selective" else "")
+        + (f"  head_chunk_tokens={s['head_chunk_tokens']}" if s["head_chunk_tokens"] else ""),
     ]
     rows = [
         ("parameters", plan.params),
@@ -393,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="training-config overrides, e.g. +recipe=janus_pro_7b parallel.tp=2 stage=2")
     p.add_argument("--device-mem-gib", type=float, default=40.0, help="device memory to fit in (default 40: A100-40GB)")
     p.add_argument("--overhead-gib", type=float, default=1.5, help="CUDA context + NCCL + allocator slack (default 1.5)")
+    p.add_argument("--head-chunk-tokens", type=int, default=None,
+                   help="plan with the chunked head loss (janus_train/parallel/chunked_loss.py) at this chunk size")
     p.add_argument("--json", action="store_true", help="one JSON object per stage instead of a table")
     args = p.parse_args(argv)
     from janus_train.training.config import ConfigError, load_config
@@ -406,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     all_fit = True
     for name, settings in plans:
         settings.overhead_gib = args.overhead_gib
+        settings.head_chunk_tokens = args.head_chunk_tokens
         plan = plan_memory(settings, args.device_mem_gib)
         all_fit &= bool(plan.fits)
         if args.json:
