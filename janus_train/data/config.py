@@ -71,6 +71,11 @@ class DataConfig:
     num_workers: int = 2  # decode processes per rank; 0 decodes in the training process
     truncation: str = "truncate"  # over-long text/und documents: "truncate" or "drop"
     granularity: str = "micro_step"  # see mixing.py: "micro_step" (ZeRO-3 safe) or "row"
+    # "rank": each data-parallel rank reads its own part of every source (production).
+    # "global": every rank reads the whole stream as a single rank would and keeps its own
+    # rows, so a step's global batch is the same for any dp size (costs dp x the reading;
+    # for checking that a run does not depend on how the batch is split).
+    sharding: str = "rank"
     lookahead: int = 64  # documents buffered per source for packing
     max_wait_steps: int = 4  # a buffered document is packed at the latest this many steps later
     chunk_size: int = 64  # samples per read request (a contiguous run inside one shard)
@@ -162,6 +167,8 @@ class DataConfig:
             raise ValueError(f"data.cfg_dropout={self.cfg_dropout!r} must be in [0, 1]")
         if self.truncation not in TRUNCATION:
             raise ValueError(f"data.truncation={self.truncation!r} must be one of {TRUNCATION}")
+        if self.sharding not in ("rank", "global"):
+            raise ValueError(f"data.sharding={self.sharding!r} must be 'rank' or 'global'")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"data.granularity={self.granularity!r} must be one of {GRANULARITIES}")
         if self.worker_start_method not in ("spawn", "fork", "forkserver"):

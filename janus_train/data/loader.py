@@ -88,7 +88,8 @@ class TrainLoader:
                 meta = read_janus_meta(src.path)
                 if meta.get("task") not in (None, task):
                     raise ValueError(f"data.{task} source {src.path} holds {meta['task']!r} samples, not {task!r}")
-                plans[task].append(SourcePlan(f"{task}/{src.name}", dataset_shards(src.path), cfg.chunk_size, cfg.seed, dp_rank, dp_size))
+                read_rank, read_size = (0, 1) if cfg.sharding == "global" else (dp_rank, dp_size)
+                plans[task].append(SourcePlan(f"{task}/{src.name}", dataset_shards(src.path), cfg.chunk_size, cfg.seed, read_rank, read_size))
         self.pool = DecodePool(builder, cfg.num_workers, cfg.worker_start_method)
         self.streams: dict[str, list[SourceStream]] = {}
         self.packers: dict[str, TaskPacker] = {}
@@ -117,12 +118,22 @@ class TrainLoader:
     def next_step(self) -> list[PackedBatch]:
         cfg = self.cfg
         plan = plan_step(cfg.ratio, cfg.global_batch, self.dp_size, cfg.micro_batch_rows, cfg.seed, self.step, cfg.granularity)
-        need = plan.rank_rows(self.dp_rank)
-        rows = {t: iter(self.packers[t].pack(need[t], self.step)) for t in self.active if need[t] > 0}
+        if cfg.sharding == "global":
+            # Pack the whole step as one rank would, then deal rows out micro-step by
+            # micro-step, rank by rank; keep ours. The step's set of rows is then
+            # independent of dp size whenever plan.rows is.
+            rows = {t: iter(self.packers[t].pack(plan.rows[t], self.step)) for t in self.active if plan.rows[t] > 0}
+            mine = []
+            for per_rank in plan.micro_tasks:
+                dealt = [[Row(TASK_ID[t], next(rows[t])) for t in tasks] for tasks in per_rank]
+                mine.append(dealt[self.dp_rank])
+        else:
+            need = plan.rank_rows(self.dp_rank)
+            rows = {t: iter(self.packers[t].pack(need[t], self.step)) for t in self.active if need[t] > 0}
+            mine = [[Row(TASK_ID[t], next(rows[t])) for t in per_rank[self.dp_rank]] for per_rank in plan.micro_tasks]
         skipped = self.stats_.state_dict()["skipped"]
         out = []
-        for j, per_rank in enumerate(plan.micro_tasks):
-            mb_rows = [Row(TASK_ID[t], next(rows[t])) for t in per_rank[self.dp_rank]]
+        for j, mb_rows in enumerate(mine):
             meta = {"step": self.step, "micro_step": j, "task": plan.micro_step_task(j), "rank": self.dp_rank, "skipped": skipped}
             out.append(collate(mb_rows, cfg.seq_len, self.tok.pad_id, self.tok.image_id, self.source_names, meta))
         self.step += 1
