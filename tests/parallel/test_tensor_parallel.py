@@ -41,6 +41,7 @@ def test_tp2_matches_tp1(tmp_path):
         assert abs(a - b) <= TOL * abs(b)
     assert r["reload_loss_rel"] <= TOL
     assert r["chunked_grad_rel"] <= TOL
+    assert r["checkpointed_grad_rel"] <= TOL
 
 
 @pytest.mark.slow

@@ -147,6 +147,17 @@ def parity(out_path: str) -> None:
         rel(g_chunked[n], p.grad) for n, p in dense.named_parameters() if p.grad is not None and p.grad.abs().max() > 1e-6
     )
 
+    # 7. Activation checkpointing on the TP model: the recompute replays the collectives.
+    ckpt = apply_tensor_parallel(copy.deepcopy(dense), mpu)
+    ckpt.apply_activation_checkpointing("full")
+    dense.zero_grad(set_to_none=True)
+    mean_loss(ckpt, b).backward()
+    mean_loss(dense, b).backward()
+    g_ckpt = _full_grads(ckpt)
+    report["checkpointed_grad_rel"] = max(
+        rel(g_ckpt[n], p.grad) for n, p in dense.named_parameters() if p.grad is not None and p.grad.abs().max() > 1e-6
+    )
+
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(report, indent=1))
 
