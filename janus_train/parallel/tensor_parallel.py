@@ -196,8 +196,11 @@ def _layers() -> SimpleNamespace:
         `forward` returns full logits (evaluation, parity checks, `touch_all`).
         """
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
             local = super().forward(x)
+            if labels is not None:
+                # The CE kernel works in fp32 and needs contiguous inputs.
+                return mtp.vocab_parallel_cross_entropy(local.float().contiguous(), labels.contiguous())
             # megatron's all-gather helper allocates its buffer on CUDA; placing the slice in a
             # zero tensor and using megatron's (differentiable) all-reduce runs on CPU too.
             start = self.output_size_per_partition * dist.get_rank(group=self.tp_group)
@@ -205,9 +208,8 @@ def _layers() -> SimpleNamespace:
             return mtp.reduce_from_tensor_model_parallel_region(padded, group=self.tp_group)
 
         def per_token_cross_entropy(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            local = ColumnParallel.forward(self, x)
-            # The CE kernel works in fp32 and needs contiguous inputs.
-            return mtp.vocab_parallel_cross_entropy(local.float().contiguous(), labels.contiguous())
+            # Through __call__, so module hooks run (ZeRO-3 gathers the weight in one).
+            return self(x, labels=labels)
 
     return SimpleNamespace(
         ColumnParallel=ColumnParallel,
@@ -225,8 +227,13 @@ class TPGenHead(GenHead):
         self.fc1 = fc1
         self.fc2 = fc2
 
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Full logits, or with `labels` the per-token CE from the codebook slices."""
+        return self.fc2(F.gelu(self.fc1(hidden)), labels=labels)
+
     def per_token_cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.fc2.per_token_cross_entropy(F.gelu(self.fc1(hidden)), labels)
+        # Through __call__, so module hooks run (ZeRO-3 gathers fc1/fc2 in theirs).
+        return self(hidden, labels=labels)
 
 
 # ---------------------------------------------------------------------------------------

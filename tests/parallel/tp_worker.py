@@ -170,7 +170,7 @@ def zero(out_path: str) -> None:
     mpu = init_tensor_parallel(2)
     dp_rank, dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     report: dict = {"tp": mpu.get_model_parallel_world_size(), "dp": dp}
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         dense = dense_model()
         start_sd = {k: v.clone() for k, v in dense.state_dict().items()}
         ref_opt = torch.optim.AdamW(dense.parameters(), lr=LR, weight_decay=0.0)
@@ -199,21 +199,26 @@ def zero(out_path: str) -> None:
             torch.nn.utils.clip_grad_norm_(dense.parameters(), 1.0)
             ref_opt.step()
             ref_losses.append(float(ref))
-        after = full_state_dict(engine.module)
-        # The engine's checkpoint path: DeepSpeed's fp32 masters gathered over DP, then TP.
+        # The engine's checkpoint path: DeepSpeed's fp32 masters gathered over DP, then TP
+        # (whole weights on rank 0). ZeRO-3 partitions the module's own copies, so only
+        # ZeRO-1/2 can also be read through full_state_dict.
         cons = dse.consolidated_state_dict(engine, torch.float32, gather_tp_param)
+        after = full_state_dict(engine.module) if stage < 3 else cons
         cons_equal = None if cons is None else all(torch.equal(cons[k], after[k]) for k in after)
         # And back: exact whole weights into the shards' masters (a stage hand-over).
         dse.set_master_weights(engine, start_sd)
         back = dse.consolidated_state_dict(engine, torch.float32, gather_tp_param)
         back_equal = None if back is None else all(torch.equal(back[k], start_sd[k]) for k in start_sd)
+        ref_sd = dense.state_dict()
         report[f"zero{stage}"] = {
             "consolidated_equals_full": cons_equal,
             "set_master_roundtrip": back_equal,
             "losses": losses,
             "ref_losses": ref_losses,
             # Adam turns float-noise gradients into +-lr steps, so compare weights absolutely.
-            "weights_after_max_abs": max(float((after[k] - v).abs().max()) for k, v in dense.state_dict().items() if v.is_floating_point()),
+            "weights_after_max_abs": None if after is None else max(
+                float((after[k] - v).abs().max()) for k, v in ref_sd.items() if v.is_floating_point()
+            ),
             "dp_group_size": dist.get_world_size(engine.optimizer.dp_process_group) if hasattr(engine.optimizer, "dp_process_group") else None,
         }
         engine.destroy()
