@@ -52,3 +52,49 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         return peak, f"{torch.cuda.get_device_name(device)} dense bf16 spec peak"
     name = str(dtype).replace("torch.", "")
     return measured_cpu_peak(dtype), f"measured CPU {name} 1024^3 matmul peak, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------
+# Work each system actually executes (padding and unneeded logits included): computed from
+# shapes, not timed. Same per-parameter rule (6N per position, everything trainable but the
+# VQ); attention counted as the causal half (2*s^2*d forward per layer) for both systems, which
+# flatters the baseline (its padded, masked SDPA computes the full square).
+# ---------------------------------------------------------------------------------------
+
+
+def _common(cfg: JanusConfig, sizes, text_positions: float, gen_positions: float, images: float, gen_inputs: float) -> float:
+    v = cfg.vision
+    patches = images * cfg.num_image_tokens
+    return (
+        6.0 * sizes.lm_head * text_positions
+        + 6.0 * sizes.gen_head * gen_positions
+        + 6.0 * (sizes.vision * patches + v.num_layers * 2 * v.hidden_size * cfg.num_image_tokens**2 * images)
+        + 6.0 * sizes.und_aligner * patches
+        + 6.0 * sizes.gen_aligner * gen_inputs
+    )
+
+
+def executed_flops_packed(cfg: JanusConfig, batch: PackedBatch) -> float:
+    """FLOPs our packed step executes: LLM over every row position (pad included), attention
+    per document segment, heads on supervised positions only."""
+    sizes = component_sizes(cfg)
+    seg = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
+    sup = batch.supervised_tokens()
+    images = 0 if batch.und_pixel_values is None else batch.und_pixel_values.shape[0]
+    llm = 6.0 * sizes.llm_layers * batch.num_rows * batch.seq_len + 6.0 * cfg.llm.num_layers * cfg.llm.hidden_size * float((seg**2).sum())
+    return llm + _common(cfg, sizes, sup["und"] + sup["text"], sup["gen"], images, float(batch.gen_input_mask.sum()))
+
+
+def executed_flops_padded(cfg: JanusConfig, batches) -> float:
+    """FLOPs the padded baseline executes: LLM and attention over every padded position, the
+    lm_head over every position of its und/text batches, the gen head over every position of
+    its gen batch (bench/hf_baseline.py)."""
+    sizes = component_sizes(cfg)
+    total = 0.0
+    for b in batches:
+        n, s = b.input_ids.shape
+        total += 6.0 * sizes.llm_layers * n * s + 6.0 * cfg.llm.num_layers * cfg.llm.hidden_size * n * s * s
+        images = 0 if b.pixel_values is None else b.pixel_values.shape[0]
+        text_pos, gen_pos = (n * s, 0) if b.task in ("und", "text") else (0, n * s)
+        total += _common(cfg, sizes, text_pos, gen_pos, images, float(b.gen_mask.sum()))
+    return total

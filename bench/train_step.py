@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench.batches import DocMix, fill_rows  # noqa: E402
-from bench.flops import MFU_FORMULA, device_peak, step_flops  # noqa: E402
+from bench.flops import MFU_FORMULA, device_peak, executed_flops_packed, executed_flops_padded, step_flops  # noqa: E402
 from janus_train.data.batch import PackedBatch  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402
 from janus_train.models.janus.model import JanusModel  # noqa: E402
@@ -171,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a bare PyTorch loop on our model (default: on for tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count-only", action="store_true",
+                   help="build no model and time nothing: print the FLOPs each system would execute for this "
+                        "step (padding and unneeded logits included) and their ratio (any size, any machine)")
     return p.parse_args(argv)
 
 
@@ -188,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = JanusConfig.from_preset(args.model, {"attention": attention, "activation_checkpointing": args.checkpointing})
     batch, docs = fill_rows(cfg, rows, seq_len, seed=args.seed, mix=mix)
+    if args.count_only:
+        from bench.hf_baseline import padded_task_batches
+
+        ours_x = executed_flops_packed(cfg, batch)
+        base_x = executed_flops_padded(cfg, padded_task_batches(docs, torch.device("cpu"), torch.float32))
+        print(json.dumps({"count": "executed FLOPs per step (computed from shapes, not timed)", "model": args.model,
+                          "seq_len": seq_len, "rows": rows, "docs": len(docs), "model_flops": step_flops(cfg, batch),
+                          "janus_train": ours_x, "hf_baseline": base_x, "ratio_hf_over_ours": round(base_x / ours_x, 3)}))
+        return 0
     batch = batch.to(device, float_dtype=dtype)
     flops = step_flops(cfg, batch)
     peak, peak_src = (args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else device_peak(device, dtype)
