@@ -351,6 +351,7 @@ def settings_from_config(cfg, stage_index: int | None = None) -> list[tuple[str,
                 checkpointing=str(m.activation_checkpointing),
                 checkpoint_every=int(m.checkpoint_every),
                 attention=str(m.attention),
+                head_chunk_tokens=m.get("head_chunk_tokens"),
             ),
         )
         for st in stages
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-mem-gib", type=float, default=40.0, help="device memory to fit in (default 40: A100-40GB)")
     p.add_argument("--overhead-gib", type=float, default=1.5, help="CUDA context + NCCL + allocator slack (default 1.5)")
     p.add_argument("--head-chunk-tokens", type=int, default=None,
-                   help="plan with the chunked head loss (janus_train/parallel/chunked_loss.py) at this chunk size")
+                   help="override model.head_chunk_tokens (the chunked head loss, janus_train/parallel/chunked_loss.py)")
     p.add_argument("--json", action="store_true", help="one JSON object per stage instead of a table")
     args = p.parse_args(argv)
     from janus_train.training.config import ConfigError, load_config
@@ -409,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     all_fit = True
     for name, settings in plans:
         settings.overhead_gib = args.overhead_gib
-        settings.head_chunk_tokens = args.head_chunk_tokens
+        if args.head_chunk_tokens is not None:
+            settings.head_chunk_tokens = args.head_chunk_tokens or None
         plan = plan_memory(settings, args.device_mem_gib)
         all_fit &= bool(plan.fits)
         if args.json:

@@ -282,6 +282,8 @@ def _validate_model(cfg: DictConfig) -> None:
     _choice(cfg, "model.attention", ATTENTION_BACKENDS)
     _choice(cfg, "model.activation_checkpointing", CHECKPOINTING_MODES)
     _int(cfg, "model.checkpoint_every", 1)
+    if cfg.model.head_chunk_tokens is not None:
+        _int(cfg, "model.head_chunk_tokens", 1)
     if OmegaConf.is_missing(cfg.model, "init_from"):
         raise ConfigError("model.init_from", "must be set: a checkpoint directory to start from (or null for random init)")
     init = cfg.model.init_from

@@ -300,6 +300,10 @@ class Trainer:
             from janus_train.parallel.tensor_parallel import apply_tensor_parallel
 
             model = apply_tensor_parallel(model, self.mpu)
+        if cfg.model.head_chunk_tokens:
+            from janus_train.parallel.chunked_loss import apply_chunked_head_loss
+
+            apply_chunked_head_loss(model, int(cfg.model.head_chunk_tokens))
         apply_freeze(model, stage.trainable)
         opt, sched = build_optimizer(model, stage.lr, cfg.train.optimizer.betas, cfg.train.optimizer.eps, cfg.train.optimizer.weight_decay, stage.warmup_steps)
         gas = stage.global_batch // (self.dp_size * cfg.train.micro_batch_rows)
