@@ -8,6 +8,7 @@ harness relies on:
   `config error: <key>: <message>` on stderr before any rank trains;
 * RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment, and the
   `--local_rank=N` argument that the deepspeed launcher appends;
+* status.json {"state": "running"} once the signal handlers are installed;
 * SIGUSR1 / SIGTERM: finish the step, agree across ranks, save, write
   status.json {"state": "preempted"}, exit 0; normal end -> "completed";
 * checkpoints under run_dir/checkpoints, `resume=auto` picks the newest complete one;
@@ -129,6 +130,7 @@ def main() -> None:
                                        "world_size": world}))
             tmp.replace(run_dir / "status.json")
 
+    write_status("running")  # like the engine: after the handlers are installed
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.3"))
     seed = int(cfg["seed"])
     while done < len(schedule):

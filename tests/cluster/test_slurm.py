@@ -112,15 +112,20 @@ def test_sbatch_two_tasks_trains_to_completion(reference, trainer):
     assert "training completed" in log
 
 
-@pytest.mark.parametrize("how", ["usr1", "scontrol_requeue"])
+@pytest.mark.parametrize("how", ["usr1", "usr1_at_start", "scontrol_requeue"])
 def test_preempted_job_requeues_and_resumes_to_equal_losses(slurm_cluster, trainer, reference, tmp_path, how):
     """Acceptance (2). usr1: what `--signal=B:USR1@...` delivers near the time limit; the script
-    forwards it, the ranks save and it requeues itself. scontrol_requeue: an operator (or
-    preemption) requeues the job; Slurm sends TERM, the ranks save, Slurm requeues."""
+    forwards it, the ranks save and it requeues itself. usr1_at_start: the same signal as soon
+    as the job runs, before the ranks can handle it (Slurm may send it a minute early); the
+    script holds it until they can. scontrol_requeue: an operator (or preemption) requeues the
+    job; Slurm sends TERM, the ranks save, Slurm requeues."""
     run_dir = tmp_path / "run"
     job_id = submit(slurm_cluster, trainer, tmp_path, run_dir)
-    wait_for_steps(run_dir, trainer.interrupt_after, job_id, slurm_cluster)
-    if how == "usr1":
+    if how == "usr1_at_start":
+        slurm_cluster.wait_job(job_id, lambda j: j.get("JobState") == "RUNNING", 120, "RUNNING")
+    else:
+        wait_for_steps(run_dir, trainer.interrupt_after, job_id, slurm_cluster)
+    if how.startswith("usr1"):
         slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
     else:
         slurm_cluster.run(["scontrol", "requeue", str(job_id)])
