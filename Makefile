@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo clean lint
+.PHONY: install test test-fast demo docker-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test-fast: install
 
 demo: install
 	$(PY) -m janus_train.tools.demo
+
+# Checks the Dockerfile without a Docker daemon: BuildKit's parser, plus consistency with
+# setup.py's extras and this Makefile's torch pin (tests/cluster/test_docker.py).
+docker-check: install
+	$(PY) -m pytest -q tests/cluster/test_docker.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache demo_out

@@ -26,7 +26,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # flash-attn compiles against CUDA; it cannot be built on a CPU-only machine.
     "gpu": ["flash-attn>=2.6"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+    # dockerfile: BuildKit's Dockerfile parser, for `make docker-check` without a daemon.
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "dockerfile>=3.3,<4"],
 }
 
 setup(

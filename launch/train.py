@@ -44,6 +44,10 @@ def split_args(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing: remember SIGTERM/SIGUSR1 instead of dying during imports and setup.
+    from janus_train.training.signals import StopFlag
+
+    StopFlag.install()
     overrides, show = split_args(sys.argv[1:] if argv is None else argv)
     from janus_train.training.config import ConfigError, load_config, resolved_yaml
 

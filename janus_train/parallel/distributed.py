@@ -50,9 +50,18 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        # Groups created later (DeepSpeed's ZeRO groups, megatron's TP/DP groups) take torch's
+        # module-level default timeout, not the one given to the world group: set both, so a
+        # hung or dead rank ends every collective within timeout_minutes.
+        from torch.distributed import distributed_c10d
+
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        distributed_c10d.default_pg_timeout = timeout
+        if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+            distributed_c10d.default_pg_nccl_timeout = timeout
         deepspeed.init_distributed(
             dist_backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             auto_mpi_discovery=False,
         )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)

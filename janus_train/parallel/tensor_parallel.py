@@ -118,7 +118,7 @@ class ParallelMPU:
         return 0
 
 
-def init_tensor_parallel(tp_size: int) -> ParallelMPU:
+def init_tensor_parallel(tp_size: int, timeout_minutes: float | None = None) -> ParallelMPU:
     """Create megatron-core's process groups for `tp_size`-way TP (DP = world / tp_size).
 
     torch.distributed must already be initialised (gloo on CPU, nccl on GPU). Calling it again
@@ -139,7 +139,8 @@ def init_tensor_parallel(tp_size: int) -> ParallelMPU:
             raise RuntimeError(f"tensor parallelism is already initialised with tp={current}, asked for tp={tp_size}")
     else:
         # No extra gloo groups: megatron only needs them for its own distributed optimizer.
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size, create_gloo_process_groups=False)
+        kwargs = {} if timeout_minutes is None else {"distributed_timeout_minutes": max(1, int(round(timeout_minutes)))}
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size, create_gloo_process_groups=False, **kwargs)
     return ParallelMPU(
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

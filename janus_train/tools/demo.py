@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "run"
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
+    # Build the inputs here, before any rank exists (see training/assets.py).
+    from janus_train.training.assets import build_demo_assets
+
+    build_demo_assets(out / "data", out / "data" / "tiny_init", "tiny", 1500, 1234)
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [
         str(deepspeed) if deepspeed.exists() else "deepspeed",

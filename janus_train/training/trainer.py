@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import resource
-import signal
 import sys
 import time
 import traceback
@@ -37,6 +36,7 @@ from janus_train.parallel import deepspeed_engine as dse
 from janus_train.parallel.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from janus_train.training.config import ConfigError, StageSettings, validate_config
 from janus_train.training.optim import build_optimizer
+from janus_train.training.signals import StopFlag
 from janus_train.training.stages import apply_freeze
 from janus_train.training.step import train_step
 
@@ -47,20 +47,6 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ABORTED = 0, 1, 2, 3
 
 class TrainingAborted(RuntimeError):
     pass
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1; the trainer checks it between steps (all ranks agree first)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
 
 
 def _fault(name: str) -> list[float] | None:
@@ -88,7 +74,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.dtype = dse.resolve_dtype(cfg.parallel.dtype, dist_info.device)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, dist_info.rank, self.dp_rank)
-        self.stop = StopFlag()
+        self.stop = StopFlag
         self.callbacks: list = []
         self.engine = None
         self.loader = None
@@ -221,6 +207,8 @@ class Trainer:
             "stage": stage.index if stage else None,
             "stage_step": self.stage_step,
             "skipped_steps": self.skipped_steps,
+            "world_size": self.dist.world_size,
+            "tp": self.tp,
             "time": time.time(),
             "message": message,
         }
@@ -506,7 +494,7 @@ def run(cfg: DictConfig) -> int:
         if tp > 1:
             from janus_train.parallel.tensor_parallel import init_tensor_parallel
 
-            mpu = init_tensor_parallel(tp)
+            mpu = init_tensor_parallel(tp, float(cfg.parallel.timeout_minutes))
         if dist_info.is_main:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -200,15 +200,12 @@ def test_chain_afterany_continues_without_requeue(slurm_cluster, trainer, refere
     assert_same_losses(run_dir, reference["run_dir"])
 
 
-# A hung rank is caught only by the collective timeout. The engine sets it on the world group,
-# but groups created later (DeepSpeed's ZeRO data-parallel group) keep torch's 30-minute
-# default, so a rank stopped while its peer waits in one of those is not caught in time.
-# Whether that happens depends on where the rank stops; hence not strict until the engine
-# gives every group parallel.timeout_minutes.
-HANG_XFAIL = pytest.mark.xfail(strict=False, reason="engine: subgroups ignore parallel.timeout_minutes")
+# A hung rank (SIGSTOP) is caught only by the collective timeout; the engine sets
+# parallel.timeout_minutes on every process group (torch's module default included), so the
+# peer waiting in any collective fails in time.
 
 
-@pytest.mark.parametrize("fault", ["killed", pytest.param("hung", marks=HANG_XFAIL)])
+@pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_rank_fault_ends_job_then_resubmission_resumes(slurm_cluster, trainer, reference, tmp_path, fault):
     """A rank that dies (SIGKILL) or hangs (SIGSTOP) mid-run ends the job with a clear message
     within the collective timeout; resubmitting with the same run_dir resumes and matches the
