@@ -343,7 +343,10 @@ class Trainer:
 
     def _loop(self, stage: StageSettings) -> str:
         cfg = self.cfg
-        touch_all = self.zero_stage == 3
+        # Every rank must produce gradients for the same parameters in every micro-step: ZeRO-3
+        # gathers per module, and ZeRO-2 reduces gradient buckets per micro-step. Rows mixed
+        # across ranks (data.granularity=row) or ZeRO-3 therefore run every branch.
+        touch_all = self.zero_stage == 3 or cfg.data.get("granularity", "micro_step") == "row"
         trainable = stage.trainable
         it = iter(self.loader)
         comm_dev = self.dist.device
