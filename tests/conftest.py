@@ -36,3 +36,16 @@ def tiny_deepseek_ckpt(tiny_ckpt_root):
 @pytest.fixture(scope="session")
 def tiny_native_ckpt(tiny_ckpt_root):
     return tiny_ckpt_root / "native"
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    """A small synthetic shapes dataset (und, text, gen real + synthetic with VQ codes) and the
+    tiny init checkpoint it was tokenised with, laid out as the tiny_demo recipe expects."""
+    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    from janus_train.training.assets import build_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_tiny_checkpoint(root / "tiny_init", fmt="hf", seed=0)
+    build_shapes_dataset(root, root / "tiny_init", num_samples=240, image_size=96, seed=0, workers=2)
+    return root

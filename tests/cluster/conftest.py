@@ -377,14 +377,8 @@ class FakeTrainer(_Trainer):
 
 
 @pytest.fixture(scope="session")
-def trainer(tmp_path_factory):
+def trainer(request):
     if os.environ.get("JANUS_CLUSTER_TRAINER", "real") == "fake":
         return FakeTrainer()
-    # A small synthetic shapes dataset and tiny init checkpoint, built once (about 20 s).
-    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
-    from janus_train.training.assets import build_shapes_dataset
-
-    root = tmp_path_factory.mktemp("shapes")
-    make_tiny_checkpoint(root / "tiny_init", fmt="hf", seed=0)
-    build_shapes_dataset(root, root / "tiny_init", num_samples=240, image_size=96, seed=0, workers=2)
-    return RealTrainer(root)
+    # The session's shapes dataset + tiny init checkpoint (tests/conftest.py), built once.
+    return RealTrainer(request.getfixturevalue("shapes_root"))

@@ -36,15 +36,9 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: int = 300) -> 
 
 
 @pytest.fixture(scope="session")
-def shapes_data(tmp_path_factory) -> Path:
-    """A small synthetic shapes dataset and tiny init checkpoint for engine-level runs."""
-    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
-    from janus_train.training.assets import build_shapes_dataset
-
-    root = tmp_path_factory.mktemp("tp_shapes")
-    make_tiny_checkpoint(root / "tiny_init", fmt="hf", seed=0)
-    build_shapes_dataset(root, root / "tiny_init", num_samples=240, image_size=96, seed=0, workers=2)
-    return root
+def shapes_data(shapes_root) -> Path:
+    """The session's shapes dataset + tiny init checkpoint (tests/conftest.py)."""
+    return shapes_root
 
 
 def train_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -16,17 +16,6 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "launch" / "train.py")
 
 
-@pytest.fixture(scope="session")
-def shapes_root(tmp_path_factory) -> Path:
-    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
-    from janus_train.training.assets import build_shapes_dataset
-
-    root = tmp_path_factory.mktemp("shapes")
-    make_tiny_checkpoint(root / "tiny_init", fmt="hf", seed=0)
-    build_shapes_dataset(root, root / "tiny_init", num_samples=240, image_size=96, seed=0, workers=2)
-    return root
-
-
 def base_overrides(root: Path, run_dir: Path, steps=(2, 2, 2)) -> list[str]:
     return [
         "+recipe=tiny_demo",
