@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,10 @@ def _write(out: Path, task: str, samples) -> None:
     write_janus_meta(out, {"task": task})
 
 
-def build_und(out: Path, n: int) -> None:
+def build_und(out: Path, n: int, resize: int | None = None) -> None:
+    """`resize`: store the images as build_shards --und-resize does (pre-resized PNG)."""
+    from janus_train.data.preprocess import und_resize
+
     def gen():
         for i in range(n):
             rng = np.random.default_rng([7, i])
@@ -87,7 +91,14 @@ def build_und(out: Path, n: int) -> None:
             turns = shapes.conversation(scene, rng)
             if rng.random() < 0.5:  # dense descriptions / document-style answers: 10..~1500 tokens
                 turns += [{"role": "user", "content": "Describe the image in detail."}, {"role": "assistant", "content": shapes.text_sample(rng)}]
-            yield {"__key__": f"und-{i:08d}", "jpg": buf.getvalue(), "json": json.dumps({"conversations": turns}).encode()}
+            if resize:
+                arr = und_resize(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), resize)
+                png = io.BytesIO()
+                Image.fromarray(arr).save(png, "PNG", compress_level=6)
+                part = {"png": png.getvalue()}
+            else:
+                part = {"jpg": buf.getvalue()}
+            yield {"__key__": f"und-{i:08d}", **part, "json": json.dumps({"conversations": turns}).encode()}
 
     _write(out, "und", gen())
 
@@ -215,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # energon's indexer prints progress
         if not (work / "und" / ".nv-meta").is_dir():
             build_und(work / "und", args.und_samples)
+        if not (work / "und_resized" / ".nv-meta").is_dir():
+            build_und(work / "und_resized", args.und_samples, resize=384)
         for salt, src in enumerate(("real", "synthetic")):
             if not (work / src / ".nv-meta").is_dir():
                 build_gen(work / src, args.gen_samples, tok, src, salt)
@@ -237,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         # und rows hold ~5 documents, gen rows ~6: size the steps so each run sees thousands.
         und = DataConfig.from_dict({**base, "ratio": [1, 0, 0], "global_batch": 16, "num_workers": workers})
         results.append(measure(und, tok, args.steps, "und"))
+        pre = DataConfig.from_dict({**base, "und": [{"path": str(work / "und_resized"), "name": "und"}], "ratio": [1, 0, 0], "global_batch": 16, "num_workers": workers})
+        results.append({**measure(pre, tok, args.steps, "und"), "task": "und (pre-resized PNG shards, build_shards --und-resize 384)"})
         gen = DataConfig.from_dict({**base, "ratio": [0, 0, 1], "global_batch": 256, "num_workers": workers})
         results.append(measure(gen, tok, args.steps, "gen"))
 

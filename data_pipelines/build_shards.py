@@ -2,7 +2,7 @@
 a megatron-energon dataset (`.nv-meta/`), so energon's tools work on it.
 
     python -m data_pipelines.build_shards --task {und,text,gen} --input MANIFEST.jsonl --out DIR
-        [--shard-size N] [--workers K] [--source NAME]
+        [--shard-size N] [--workers K] [--source NAME] [--und-resize PX]
 
 Manifest rows (file paths are relative to the manifest's directory unless absolute):
     und   {"image": path, "conversations": [{"role", "content"}, ...], "system"?: str, "key"?: str}
@@ -15,6 +15,10 @@ the tar is renamed into place), so an interrupted build resumes where it stopped
 (unparsable line, missing file, undecodable image, empty caption or text, bad conversation)
 are skipped, counted per reason and listed in `DIR/build_report.json`; never dropped silently.
 Images are stored as they are (JPEG/PNG/WebP bytes untouched; other formats re-encoded as PNG).
+`--und-resize PX` (und only) instead stores each image already resized to the model's und size
+(long side PX, exactly the loader's bicubic resize) as lossless PNG: the loader's resize is then
+a no-op, so training reads the same pixels for about a third of the CPU (the resize is the
+costliest step of the und path), at the price of one shard set per image size.
 """
 
 from __future__ import annotations
@@ -68,7 +72,17 @@ def _path(base: Path, p: Any, field: str) -> Path:
     return q if q.is_absolute() else base / q
 
 
-def make_sample(task: str, row: dict[str, Any], base: Path, source: str | None) -> dict[str, bytes]:
+def _resized_png(path: Path, size: int) -> tuple[str, bytes]:
+    from janus_train.data.preprocess import und_resize
+
+    _, raw = _image(path)  # same checks and skip reasons as the plain path
+    arr = und_resize(Image.open(io.BytesIO(raw)).convert("RGB"), size)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", compress_level=6)
+    return "png", buf.getvalue()
+
+
+def make_sample(task: str, row: dict[str, Any], base: Path, source: str | None, und_resize: int | None = None) -> dict[str, bytes]:
     """The tar members (part -> bytes) of one manifest row; raises formats.SampleError."""
     if task == "und":
         turns = fmt.get_conversation(row)
@@ -77,7 +91,8 @@ def make_sample(task: str, row: dict[str, Any], base: Path, source: str | None) 
             meta["system"] = row["system"]
         if source:
             meta["source"] = source
-        ext, raw = _image(_path(base, row.get("image"), "image"))
+        path = _path(base, row.get("image"), "image")
+        ext, raw = _resized_png(path, und_resize) if und_resize else _image(path)
         return {ext: raw, "json": json.dumps(meta).encode()}
     if task == "text":
         if "text" in row:
@@ -103,11 +118,11 @@ def _key(row: dict[str, Any], line: int, prefix: str) -> str:
     return _KEY_OK.sub("_", str(k)) if k else f"{prefix}-{line:09d}"
 
 
-def build_shard(job: tuple[str, Path, Path, int, list[tuple[int, str]], str | None]) -> dict[str, Any]:
+def build_shard(job: tuple[str, Path, Path, int, list[tuple[int, str]], str | None, int | None]) -> dict[str, Any]:
     """Write one shard from its manifest lines; returns (and saves) its report."""
     import webdataset as wds
 
-    task, base, out, index, lines, source = job
+    task, base, out, index, lines, source, und_resize = job
     name = shard_name(index)
     report: dict[str, Any] = {"shard": name, "rows": len(lines), "written": 0, "skipped": {}, "examples": []}
     tmp = out / (name + ".tmp")
@@ -126,7 +141,7 @@ def build_shard(job: tuple[str, Path, Path, int, list[tuple[int, str]], str | No
                 if key in seen:
                     key = f"{key}-{line_no}"
                 seen.add(key)
-                sample = make_sample(task, row, base, source)
+                sample = make_sample(task, row, base, source, und_resize)
             except fmt.SampleError as e:
                 report["skipped"][e.reason] = report["skipped"].get(e.reason, 0) + 1
                 if len(report["examples"]) < MAX_EXAMPLES:
@@ -153,9 +168,12 @@ def build(
     workers: int = 1,
     source: str | None = None,
     progress: bool = True,
+    und_resize: int | None = None,
 ) -> dict[str, Any]:
     if task not in TASKS:
         raise ValueError(f"--task {task!r} must be one of {TASKS}")
+    if und_resize is not None and (task != "und" or und_resize < 14):
+        raise ValueError(f"--und-resize {und_resize} needs --task und and a size >= 14")
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     manifest, out = Path(manifest), Path(out)
@@ -172,7 +190,7 @@ def build(
         if rep.is_file():
             reports.append(json.loads(rep.read_text()))
         else:
-            todo.append((task, manifest.parent, out, i, chunk, source))
+            todo.append((task, manifest.parent, out, i, chunk, source, und_resize))
     bar = tqdm(total=len(lines), desc=f"build {task} shards", unit="row", disable=not progress)
     bar.update(sum(r["rows"] for r in reports))
     if todo:
@@ -208,7 +226,10 @@ def build(
         raise RuntimeError(f"no usable rows in {manifest} (skipped: {skipped})")
     if todo or not (out / ".nv-meta" / ".info.json").is_file():
         prepare_energon(out, workers=max(1, workers), progress=progress)
-    write_janus_meta(out, {"task": task, "source": source, "samples": summary["written"], "builder": "build_shards"})
+    meta = {"task": task, "source": source, "samples": summary["written"], "builder": "build_shards"}
+    if und_resize:
+        meta["und_resized_to"] = und_resize
+    write_janus_meta(out, meta)
     (out / "build_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -221,8 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
     p.add_argument("--source", default=None, help="source name stored in the samples (e.g. real, synthetic)")
+    p.add_argument("--und-resize", type=int, default=None,
+                   help="und only: store images pre-resized to this long side (the model's und size, e.g. 384) as lossless PNG")
     args = p.parse_args(argv)
-    s = build(args.task, args.input, args.out, args.shard_size, args.workers, args.source)
+    s = build(args.task, args.input, args.out, args.shard_size, args.workers, args.source, und_resize=args.und_resize)
     print(
         f"{s['written']} of {s['rows']} rows in {s['shards']} shards at {args.out}; "
         f"skipped {sum(s['skipped'].values())} {s['skipped'] or ''} (report: {Path(args.out) / 'build_report.json'})"
