@@ -318,9 +318,14 @@ class Trainer:
                 )
             if not same_topology:
                 self._advance_schedule(self.stage_step)
+            if meta.dp_size != self.dp_size:
+                raise ConfigError(
+                    "parallel",
+                    f"the checkpoint {path} was written with {meta.dp_size} data-parallel ranks and this run has "
+                    f"{self.dp_size}: each rank's data-loader state belongs to its own slice of the data. Resume with "
+                    f"world size / parallel.tp = {meta.dp_size}, or start a new run_dir with model.init_from={path}",
+                )
             loader_state = self.ckpt.loader_state(path, self.dp_rank)
-            if loader_state is None and meta.dp_size != self.dp_size:
-                raise ConfigError("parallel", f"the checkpoint was written with {meta.dp_size} data-parallel ranks, this run has {self.dp_size}; the data loader state cannot be split differently")
         self.loader = self._build_loader(stage, loader_state)
         self._call("on_stage_start", stage)
         try:
@@ -332,7 +337,7 @@ class Trainer:
             if cfg.checkpoint.export_hf:
                 self._export_hf(stage)
             self._call("on_stage_end", stage)
-        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        self.engine.destroy()  # drops ZeRO-3 hooks before the next stage builds a new engine
         self.engine = None
         return state
 

@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 STEPS = 8
+REFERENCE_RUN: dict = {}  # the uninterrupted run's directory, for tests that reuse its checkpoints
 
 
 def _overrides(tools, root, run_dir, zero=2):
@@ -65,6 +66,7 @@ def reference(shapes_root, tmp_path_factory, trainer_tools):
     assert r.returncode == 0, r.stdout[-4000:]
     losses = _losses(trainer_tools, run_dir)
     assert [x[0] for x in losses] == list(range(1, STEPS + 1))
+    REFERENCE_RUN["dir"] = run_dir
     return losses
 
 
@@ -111,3 +113,12 @@ def test_kill_during_checkpoint_write_resumes_from_previous(reference, shapes_ro
     assert sorted(by_step) == list(range(1, STEPS + 1))
     for step, ref in zip(range(1, STEPS + 1), reference):
         assert by_step[step] == {ref}, step
+
+
+def test_resume_with_another_dp_size_fails_clearly(reference, shapes_root, tmp_path, trainer_tools):
+    ckpt = REFERENCE_RUN["dir"] / "checkpoints" / "step_00000006"
+    assert (ckpt / "meta.json").is_file()
+    ov = _overrides(trainer_tools, shapes_root, tmp_path / "run") + [f"resume={ckpt}"]
+    r = trainer_tools.run(ov, nproc=1, launcher="python", timeout=600)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "config error: parallel: the checkpoint" in r.stderr and "2 data-parallel ranks" in r.stderr
