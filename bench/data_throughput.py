@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     for workers in (0, args.workers):
         # und rows hold ~5 documents, gen rows ~6: size the steps so each run sees thousands.
         und = DataConfig.from_dict({**base, "ratio": [1, 0, 0], "global_batch": 16, "num_workers": workers})
-        results.append(measure(und, tok, args.steps, "und"))
+        results.append({**measure(und, tok, args.steps, "und"), "shards": "JPEG as given"})
         pre = DataConfig.from_dict({**base, "und": [{"path": str(work / "und_resized"), "name": "und"}], "ratio": [1, 0, 0], "global_batch": 16, "num_workers": workers})
-        results.append({**measure(pre, tok, args.steps, "und"), "task": "und (pre-resized PNG shards, build_shards --und-resize 384)"})
+        results.append({**measure(pre, tok, args.steps, "und"), "shards": "pre-resized PNG (build_shards --und-resize 384)"})
         gen = DataConfig.from_dict({**base, "ratio": [0, 0, 1], "global_batch": 256, "num_workers": workers})
         results.append(measure(gen, tok, args.steps, "gen"))
 
