@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "numpy>=1.26",
     "pyyaml>=6",
+    "orjson>=3.9",  # per-sample json in the data loader (formats.parse_json)
 ]
 
 EXTRAS_REQUIRE = {

@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 import numpy as np
+import orjson
 
 IMAGE_PARTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 CODES_PART = "codes.npy"
@@ -62,9 +63,16 @@ def parse_json(raw: bytes | None) -> dict[str, Any]:
     if raw is None:
         raise SampleError("missing_key", "no .json part")
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SampleError("bad_json", str(e)[:200]) from None
+        # orjson is ~3x faster on the small per-sample objects (a third of a gen sample's decode
+        # time with the standard module). It refuses NaN/Infinity, so anything it refuses gets
+        # the standard parser's verdict and both accept the same samples. (It reads integers
+        # beyond 64 bits as floats; no field the loader reads is a number.)
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SampleError("bad_json", str(e)[:200]) from None
     if not isinstance(obj, dict):
         raise SampleError("bad_json", f"expected a json object, got {type(obj).__name__}")
     return obj

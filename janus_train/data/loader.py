@@ -88,6 +88,15 @@ class TrainLoader:
                 meta = read_janus_meta(src.path)
                 if meta.get("task") not in (None, task):
                     raise ValueError(f"data.{task} source {src.path} holds {meta['task']!r} samples, not {task!r}")
+                resized = meta.get("und_resized_to")
+                if task == "und" and resized is not None and int(resized) != image.image_size:
+                    # Resizing a pre-resized image again is not what the model was meant to
+                    # see (and upscaling loses detail): the shards fit one image size only.
+                    raise ValueError(
+                        f"data.und source {src.path} was built with --und-resize {resized}, but the model's und "
+                        f"image size is {image.image_size}; rebuild it from the originals with "
+                        f"--und-resize {image.image_size} (or without --und-resize)"
+                    )
                 read_rank, read_size = (0, 1) if cfg.sharding == "global" else (dp_rank, dp_size)
                 plans[task].append(SourcePlan(f"{task}/{src.name}", dataset_shards(src.path), cfg.chunk_size, cfg.seed, read_rank, read_size))
         self.pool = DecodePool(builder, cfg.num_workers, cfg.worker_start_method)

@@ -275,8 +275,8 @@ def collate(
         for d in row.docs:
             id_parts.append(d.ids)
             target_parts.append(d.target)
-            lengths.append(len(d))
-            used += len(d)
+            lengths.append(d.n)
+            used += d.n
             if d.pixels is not None:
                 images.append(d.pixels)
         if used > seq_len:
@@ -306,7 +306,10 @@ def collate(
     # In gen rows the targets are exactly the code positions (code k is predicted from k-1,
     # code 0 from <begin_of_image>); und rows hold no codes, so gen_input_mask is target & gen.
     gen = target.reshape(shape) & (row_task == TASK_ID["gen"])
-    und = (ids.reshape(shape) == image_token_id) & (row_task == TASK_ID["und"])
+    if images or any(row.task == TASK_ID["und"] for row in rows):
+        und = (ids.reshape(shape) == image_token_id) & (row_task == TASK_ID["und"])
+    else:  # no und row: skip a full-batch compare
+        und = np.zeros(shape, dtype=bool)
     pix = None
     if images:
         n_img = sum(int(p.shape[0]) for p in images)
@@ -321,7 +324,7 @@ def collate(
         "keys": keys,
         "sources": sources,
         "row_tasks": [TASKS[row.task] for row in rows],
-        "doc_lengths": [[len(d) for d in row.docs] for row in rows],
+        "doc_lengths": [[d.n for d in row.docs] for row in rows],
         "num_docs": sum(len(row.docs) for row in rows),
         "pad_tokens": int(total - used_total),
     }

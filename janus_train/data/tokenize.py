@@ -116,6 +116,7 @@ class DocBuilder:
 
     def __post_init__(self) -> None:
         self._cache: dict[str, list[int]] = {}
+        self._gen_template: np.ndarray | None = None
 
     def _ids(self, text: str, cache: bool) -> list[int]:
         if not cache:
@@ -250,9 +251,18 @@ class DocBuilder:
             raise fmt.SampleError("bad_codes", "the gen prompt does not end with <begin_of_image>")
         if self.cfg_dropout > 0 and cfg_dropped(self.seed, key, self.cfg_dropout):
             ids[1 : n_prompt - 1] = self.tok.pad_id
-        target = np.zeros(n, dtype=bool)
-        target[n_prompt:] = True
-        return Doc(key=key, task=_GEN, ids=ids, target=target, gen_start=n_prompt)
+        return Doc(key=key, task=_GEN, ids=ids, target=self._gen_target(n_prompt, n), gen_start=n_prompt)
+
+    def _gen_target(self, n_prompt: int, n: int) -> np.ndarray:
+        """False for the prompt, True for the codes: a read-only view of one shared template,
+        since every gen document's mask has this shape (saves an allocation per sample)."""
+        t = self._gen_template
+        if t is None or n - n_prompt > t.shape[0] - self.seq_len:
+            t = np.zeros(self.seq_len + max(n - n_prompt, self.num_gen_tokens or 0), dtype=bool)
+            t[self.seq_len :] = True
+            t.flags.writeable = False
+            self._gen_template = t
+        return t[self.seq_len - n_prompt : self.seq_len - n_prompt + n]
 
     def build(self, task: str, key: str, parts: dict[str, bytes], pixel_out: np.ndarray | None = None) -> Doc:
         if task == "und":

@@ -124,6 +124,41 @@ def test_gen_document_labels_boi_predicts_code0(tok, image_cfg):
     assert batch.gen_input_mask[0].nonzero().flatten().tolist() == list(range(doc.gen_start, doc.gen_start + n))
 
 
+def test_gen_target_mask_is_prompt_false_codes_true_for_any_prompt_length(tok, image_cfg):
+    # The mask is a view of one shared template: check it across prompt lengths and that no
+    # caller can write through it into the other documents' masks.
+    b = _builder(tok, image_cfg)
+    n = image_cfg.num_gen_tokens
+    for caption in ("x", "a red circle", "a " * 40 + "blue star", "y"):
+        doc = b.gen("g", _gen_parts(caption, [7] * n))
+        expect = [False] * doc.gen_start + [True] * n
+        assert doc.target.tolist() == expect
+        assert not doc.target.flags.writeable
+
+
+@pytest.mark.parametrize(
+    "raw, ok",
+    [
+        (b'{"caption": "x", "score": NaN}', True),  # orjson refuses NaN; the standard parser accepts it
+        (b'{"caption": "x", "id": 123456789012345678901234567890}', True),  # beyond 64 bits: accepted (as a float)
+        (b'{"caption": "\\u00e9t\xc3\xa9"}', True),
+        (b'[1, 2]', False),
+        (b'{"caption": "\xff"}', False),  # not UTF-8
+        (b'', False),
+    ],
+)
+def test_parse_json_accepts_what_the_standard_parser_accepts(raw, ok):
+    from janus_train.data.formats import parse_json
+
+    if ok:
+        got, want = parse_json(raw), json.loads(raw)
+        assert got.keys() == want.keys() and got["caption"] == want["caption"]
+    else:
+        with pytest.raises(SampleError) as e:
+            parse_json(raw)
+        assert e.value.reason == "bad_json"
+
+
 def test_gen_stored_prompt_ids_used_only_with_matching_tokenizer(tok, image_cfg):
     b = _builder(tok, image_cfg)
     codes = [1] * image_cfg.num_gen_tokens

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_pipelines import build_shards
 from janus_train.data.preprocess import und_pixels
-from janus_train.data.shards import read_janus_meta
+from janus_train.data.shards import read_janus_meta, write_janus_meta
 
 
 def test_pre_resized_und_shards_keep_the_pixels(tmp_path):
@@ -38,6 +38,30 @@ def test_pre_resized_und_shards_keep_the_pixels(tmp_path):
         small = Image.open(io.BytesIO(raw))
         assert small.format == "PNG" and max(small.size) == 64
         assert torch.equal(und_pixels(small.convert("RGB"), 64), und_pixels(originals[key], 64)), key
+
+
+def test_loader_refuses_shards_pre_resized_for_another_image_size(tmp_path, tok, image_cfg):
+    from dataclasses import replace
+
+    from janus_train.data.loader import build_train_loader
+
+    rows = []
+    for i in range(4):
+        Image.fromarray(np.full((48, 80, 3), 40 * i, np.uint8)).save(tmp_path / f"i{i}.jpg")
+        rows.append({"key": f"k{i}", "image": f"i{i}.jpg", "conversations": [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "Grey."}]})
+    (tmp_path / "und.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "shards"
+    build_shards.build("und", tmp_path / "und.jsonl", out, shard_size=10, progress=False, und_resize=image_cfg.image_size)
+    cfg = {"und": [{"path": str(out)}], "ratio": [1, 0, 0], "seq_len": 512, "global_batch": 2, "micro_batch_rows": 1}
+    with build_train_loader(cfg, tok, image_cfg, 0, 1) as loader:  # the size it was built for
+        assert next(loader)[0].meta["num_docs"] > 0
+    with pytest.raises(ValueError, match=rf"--und-resize {image_cfg.image_size}.*image size is {image_cfg.image_size // 2}"):
+        build_train_loader(cfg, tok, replace(image_cfg, image_size=image_cfg.image_size // 2), 0, 1)
+    # A dataset without the marker (images as given) fits any size.
+    meta = read_janus_meta(out)
+    del meta["und_resized_to"]
+    write_janus_meta(out, meta)
+    build_train_loader(cfg, tok, replace(image_cfg, image_size=image_cfg.image_size // 2), 0, 1).close()
 
 
 def test_und_resize_is_und_only(tmp_path):
