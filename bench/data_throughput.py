@@ -11,7 +11,8 @@ of 10-1500 tokens; the model geometry is Janus-Pro's (384 px, 576 image tokens, 
 16384), the tokenizer the tiny test one. It then measures:
 
   und / gen samples per second per CPU core = samples / CPU-seconds spent by the training
-      process and its decode workers (start-up included; torch limited to one thread), with
+      process and its decode workers (start-up included; torch limited to one thread; each
+      run in a fresh forked process), with
       num_workers=0 (everything in one process) and with --workers decode processes. CPU time
       rather than wall time, because a shared machine's other jobs would otherwise count;
       wall-clock samples/s is printed too;
@@ -164,6 +165,29 @@ def measure(cfg: DataConfig, tok: TokenizerInfo, steps: int, task: str) -> dict:
     }
 
 
+def measure_isolated(cfg: DataConfig, tok: TokenizerInfo, steps: int, task: str) -> dict:
+    """`measure` in a forked child, so that no run inherits the heap and caches an earlier run
+    left behind (a gen run right after the und runs measured 10-15% slower in-process)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            send.send(measure(cfg, tok, steps, task))
+        except BaseException as e:  # report, don't hang the parent
+            send.send({"error": repr(e)})
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    result = recv.recv()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"{task} measurement failed: {result['error']}")
+    return result
+
+
 def pil_floor_ms(und_dir: Path, size: int = 384, repeats: int = 30) -> dict:
     """Best-of-N milliseconds of the two PIL calls the exact und path cannot avoid (JPEG
     decode and the bicubic resize), on the first few bench images: the per-core ceiling."""
@@ -249,11 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     for workers in (0, args.workers):
         # und rows hold ~5 documents, gen rows ~6: size the steps so each run sees thousands.
         und = DataConfig.from_dict({**base, "ratio": [1, 0, 0], "global_batch": 16, "num_workers": workers})
-        results.append({**measure(und, tok, args.steps, "und"), "shards": "JPEG as given"})
+        results.append({**measure_isolated(und, tok, args.steps, "und"), "shards": "JPEG as given"})
         pre = DataConfig.from_dict({**base, "und": [{"path": str(work / "und_resized"), "name": "und"}], "ratio": [1, 0, 0], "global_batch": 16, "num_workers": workers})
-        results.append({**measure(pre, tok, args.steps, "und"), "shards": "pre-resized PNG (build_shards --und-resize 384)"})
+        results.append({**measure_isolated(pre, tok, args.steps, "und"), "shards": "pre-resized PNG (build_shards --und-resize 384)"})
         gen = DataConfig.from_dict({**base, "ratio": [0, 0, 1], "global_batch": 256, "num_workers": workers})
-        results.append(measure(gen, tok, args.steps, "gen"))
+        results.append(measure_isolated(gen, tok, args.steps, "gen"))
 
     mix = DataConfig.from_dict({**base, "ratio": [2, 3, 5], "global_batch": 40, "num_workers": args.workers})
     loader = build_train_loader(mix, tok, JANUS_PRO, 0, 1)

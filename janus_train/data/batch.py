@@ -40,7 +40,9 @@ class PackedBatch:
       gen_input_mask  bool [R, S]  positions embedded by gen_embed + gen_aligner.
       und_image_mask  bool [R, S]  positions replaced by aligned SigLIP features; in row-major
                                    order they consume image 0's tokens, then image 1's, ...
-      und_pixel_values float [N, 3, H, W] or None  SigLIP-normalised images.
+      und_pixel_values uint8 [N, 3, H, W] or None  the und images, padded to square, not yet
+                                   normalised: the vision tower normalises uint8 pixels on the
+                                   device (a float tensor is taken as already normalised).
       meta            dict         not used by the model: sample keys, sources, counts (for
                                    logging, skip accounting and resume checks).
     """
@@ -65,7 +67,8 @@ class PackedBatch:
         return int(self.input_ids.shape[1])
 
     def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> "PackedBatch":
-        """Move tensors to `device`; cast floating tensors (pixels) to `float_dtype` if given."""
+        """Move tensors to `device`; cast floating tensors (pixels given as floats) to
+        `float_dtype` if given. uint8 pixels stay uint8: the vision tower normalises them."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -107,6 +110,9 @@ class PackedBatch:
             raise ValueError("PackedBatch.loss_task must be NO_TASK exactly where labels == IGNORE_INDEX")
         if bool((self.gen_input_mask & self.und_image_mask).any()):
             raise ValueError("PackedBatch: a position is both a gen code and an und image token")
+        pv = self.und_pixel_values
+        if pv is not None and (pv.dim() != 4 or not (pv.dtype == torch.uint8 or pv.is_floating_point())):
+            raise ValueError(f"PackedBatch.und_pixel_values must be uint8 or float [N, 3, H, W], got {pv.dtype} {tuple(pv.shape)}")
         n_img_tok = int(self.und_image_mask.sum())
         n_img = 0 if self.und_pixel_values is None else int(self.und_pixel_values.shape[0])
         if num_image_tokens is not None and n_img_tok != n_img * num_image_tokens:

@@ -37,7 +37,6 @@ import torch
 
 from janus_train.data.batch import IGNORE_INDEX, NO_TASK, TASK_ID, TASKS, PackedBatch
 from janus_train.data.mixing import SourceBlender
-from janus_train.data.preprocess import normalize_siglip_
 
 
 @dataclass(eq=False)
@@ -312,14 +311,8 @@ def collate(
         und = np.zeros(shape, dtype=bool)
     pix = None
     if images:
-        n_img = sum(int(p.shape[0]) for p in images)
-        out = np.empty((n_img, *images[0].shape[1:]), dtype=np.float32)
-        i = 0
-        for p in images:  # normalise straight from the workers' buffers: no gather copy
-            k = int(p.shape[0])
-            normalize_siglip_(p.numpy() if isinstance(p, torch.Tensor) else p, out[i : i + k])
-            i += k
-        pix = torch.from_numpy(out)
+        # uint8, gathered from the decode buffers; the vision tower normalises on the device.
+        pix = torch.from_numpy(np.concatenate([p.numpy() if isinstance(p, torch.Tensor) else p for p in images]))
     out_meta = {
         "keys": keys,
         "sources": sources,

@@ -4,9 +4,10 @@ und  resize the long side to `size` (bicubic, the short side rounded, at least 1
      square with RGB (127,127,127), SigLIP normalisation (x/255 - 0.5) / 0.5. This is exactly
      what transformers' `JanusImageProcessor` does with its PIL backend (Janus-Pro's
      preprocessor config: mean = std = 0.5, background = int(0.5*255) = 127); the test suite
-     checks it pixel for pixel. The loader keeps images as uint8 CHW until the batch is built
-     and normalises the whole micro-batch at once (`normalize_siglip_`), which gives
-     bit-identical float32 values to transformers' float64-rescale-then-float32-normalise path.
+     checks it pixel for pixel. The loader keeps images as uint8 CHW, in the batch too; the
+     vision tower normalises them on the device with a table made by `normalize_siglip`, which
+     gives bit-identical float32 values to transformers' float64-rescale-then-float32-normalise
+     path.
 gen  resize the short side to `size` (bicubic), centre crop the long side, scale to [-1, 1].
 """
 

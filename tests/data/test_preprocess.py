@@ -70,6 +70,33 @@ def test_siglip_normalisation_is_exact_for_every_byte_value():
     ref = ((v.astype(np.float64) * (1 / 255)).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
     ours = normalize_siglip(torch.arange(256, dtype=torch.uint8)).numpy()
     np.testing.assert_array_equal(ours, ref)
+    # The batch carries uint8 pixels; the vision tower normalises them with this function.
+    from janus_train.models.janus.siglip import normalize_uint8_pixels
+
+    on_device = normalize_uint8_pixels(torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16))
+    np.testing.assert_array_equal(on_device.numpy().ravel(), ref)
+
+
+def test_collated_und_pixels_are_uint8_and_normalise_to_the_processor_values(tok, image_cfg, jpeg):
+    from janus_train.data.packing import Row, collate
+    from janus_train.data.batch import TASK_ID
+    from janus_train.data.tokenize import DocBuilder
+    from janus_train.models.janus.siglip import normalize_uint8_pixels
+
+    size = image_cfg.image_size
+    b = DocBuilder(tok, 1024, image_cfg.num_image_tokens, size)
+    raws = [jpeg(90, 50), jpeg(40, 70)]
+    docs = []
+    for i, raw in enumerate(raws):
+        conv_json = b'{"conversations": [{"role": "user", "content": "<image>\\nWhat?"}, {"role": "assistant", "content": "A shape."}]}'
+        slot = np.empty((3, size, size), np.uint8)
+        docs.append(b.und(f"k{i}", {"jpg": raw, "json": conv_json}, slot))
+    batch = collate([Row(TASK_ID["und"], docs)], 1024, tok.pad_id, tok.image_id)
+    batch.validate(image_cfg.num_image_tokens)
+    assert batch.und_pixel_values.dtype == torch.uint8 and batch.und_pixel_values.shape == (2, 3, size, size)
+    for i, raw in enumerate(raws):
+        expect = und_pixels(open_rgb(raw), size)
+        assert torch.equal(normalize_uint8_pixels(batch.und_pixel_values[i]), expect)
 
 
 def test_und_pad_is_grey_127_and_centred():

@@ -124,7 +124,7 @@ def _perturb(batch, target: int):
         # Images are consumed in row-major order: count the und documents before this one.
         und_docs = doc_ids[batch.und_image_mask].unique().tolist()
         pixels = batch.und_pixel_values.clone()
-        pixels[und_docs.index(target)] = -pixels[und_docs.index(target)]
+        pixels[und_docs.index(target)] = 255 - pixels[und_docs.index(target)]  # uint8 from the loader
         out.und_pixel_values = pixels
     return out, in_doc
 

@@ -58,6 +58,28 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+_PIXEL_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def normalize_uint8_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> SigLIP-normalised `dtype`, on the pixels' device.
+
+    The loader ships und images as uint8 (a quarter of the float32 bytes to copy to the
+    device, and no float pass over every pixel on the loader's CPU); they are normalised here.
+    A 256-entry table computed by the loader's own `normalize_siglip` keeps the values
+    bit-identical to transformers' processor on every device (a GPU may divide by a scalar
+    through its reciprocal, which rounds differently for some inputs).
+    """
+    key = (pixels.device, dtype)
+    table = _PIXEL_TABLES.get(key)
+    if table is None:
+        from janus_train.data.preprocess import normalize_siglip
+
+        table = normalize_siglip(torch.arange(256, dtype=torch.uint8)).to(device=pixels.device, dtype=dtype)
+        _PIXEL_TABLES[key] = table
+    return table[pixels.long()]
+
+
 class SigLIPVisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -69,12 +91,18 @@ class SigLIPVisionTower(nn.Module):
         self.post_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] SigLIP-normalised pixels -> [N, num_patches, hidden]."""
+        """[N, 3, H, W] pixels -> [N, num_patches, hidden]: uint8 (raw, normalised here) or
+        floating (already SigLIP-normalised)."""
         if pixel_values.shape[-1] != self.cfg.image_size or pixel_values.shape[-2] != self.cfg.image_size:
             raise ValueError(
                 f"vision tower expects {self.cfg.image_size}x{self.cfg.image_size} images, got {tuple(pixel_values.shape)}"
             )
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        dtype = self.patch_embed.weight.dtype
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_uint8_pixels(pixel_values, dtype)
+        elif not pixel_values.is_floating_point():
+            raise TypeError(f"pixel values must be uint8 or floating, got {pixel_values.dtype}")
+        x = self.patch_embed(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
         x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
