@@ -47,7 +47,7 @@ from janus_train.data import conversation as conv  # noqa: E402
 from janus_train.data import formats as fmt  # noqa: E402
 from janus_train.data.config import DataConfig, ImageConfig  # noqa: E402
 from janus_train.data.loader import build_train_loader  # noqa: E402
-from janus_train.data.shards import prepare_energon, write_janus_meta  # noqa: E402
+from janus_train.data.shards import write_dataset  # noqa: E402
 from janus_train.data.tokenize import TokenizerInfo  # noqa: E402
 
 JANUS_PRO = ImageConfig(image_size=384, num_image_tokens=576, gen_image_size=384, num_gen_tokens=576, codebook_size=16384)
@@ -61,20 +61,7 @@ def _tokenizer():
 
 
 def _write(out: Path, task: str, samples) -> None:
-    import webdataset as wds
-
-    out.mkdir(parents=True, exist_ok=True)
-    w = None
-    for i, s in enumerate(samples):
-        if i % SHARD == 0:
-            if w is not None:
-                w.close()
-            w = wds.TarWriter(str(out / f"shard-{i // SHARD:06d}.tar"), mtime=0)
-        w.write(s)
-    if w is not None:
-        w.close()
-    prepare_energon(out)
-    write_janus_meta(out, {"task": task})
+    write_dataset(out, task, samples, SHARD)
 
 
 def build_und(out: Path, n: int, resize: int | None = None) -> None:

@@ -305,7 +305,7 @@ def collate(
     # In gen rows the targets are exactly the code positions (code k is predicted from k-1,
     # code 0 from <begin_of_image>); und rows hold no codes, so gen_input_mask is target & gen.
     gen = target.reshape(shape) & (row_task == TASK_ID["gen"])
-    if images or any(row.task == TASK_ID["und"] for row in rows):
+    if any(row.task == TASK_ID["und"] for row in rows):
         und = (ids.reshape(shape) == image_token_id) & (row_task == TASK_ID["und"])
     else:  # no und row: skip a full-batch compare
         und = np.zeros(shape, dtype=bool)

@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -100,6 +100,28 @@ def prepare_energon(root: str | Path, workers: int = 1, progress: bool = False) 
     )
     with open(root / META_DIR / "dataset.yaml", "w") as f:
         yaml.safe_dump({"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}, f, sort_keys=False)
+
+
+def write_dataset(out: str | Path, task: str, samples: Iterable[dict[str, Any]], shard_size: int) -> Path:
+    """Write webdataset samples ({"__key__": str, part: bytes}) as a dataset directory: shards of
+    `shard_size` samples, energon's index and our metadata. For benches, tests and small tools;
+    `data_pipelines.build_shards` is the resumable, validating builder for real data."""
+    import webdataset as wds
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    w = None
+    for i, sample in enumerate(samples):
+        if i % shard_size == 0:
+            if w is not None:
+                w.close()
+            w = wds.TarWriter(str(out / f"shard-{i // shard_size:06d}.tar"), mtime=0)
+        w.write(sample)
+    if w is not None:
+        w.close()
+    prepare_energon(out)
+    write_janus_meta(out, {"task": task})
+    return out
 
 
 def sample_offsets(shard_path: str) -> np.ndarray:

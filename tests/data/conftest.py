@@ -98,24 +98,13 @@ def jpeg_bytes(w: int, h: int, seed: int = 0) -> bytes:
 
 def write_dataset(out: Path, task: str, samples: Iterable[dict[str, Any]], shard_size: int = 10) -> Path:
     """Write webdataset samples ({"__key__", part: bytes|str|dict}) as an energon dataset."""
-    import webdataset as wds
+    from janus_train.data import shards
 
-    from janus_train.data.shards import prepare_energon, write_janus_meta
+    def encoded():
+        for s in samples:
+            yield {k: (json.dumps(v).encode() if isinstance(v, dict) else v.encode() if isinstance(v, str) and k != "__key__" else v) for k, v in s.items()}
 
-    out.mkdir(parents=True, exist_ok=True)
-    w = None
-    for i, s in enumerate(samples):
-        if i % shard_size == 0:
-            if w is not None:
-                w.close()
-            w = wds.TarWriter(str(out / f"shard-{i // shard_size:06d}.tar"), mtime=0)
-        enc = {k: (json.dumps(v).encode() if isinstance(v, dict) else v.encode() if isinstance(v, str) and k != "__key__" else v) for k, v in s.items()}
-        w.write(enc)
-    if w is not None:
-        w.close()
-    prepare_energon(out)
-    write_janus_meta(out, {"task": task})
-    return out
+    return shards.write_dataset(out, task, encoded(), shard_size)
 
 
 @pytest.fixture
