@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "webdataset>=0.2.100,<2",
     "megatron-energon>=7,<8",
     "hydra-core>=1.3,<1.4",
+    "pydantic>=2.5,<3",  # the typed config schemas (training/config.py, data/config.py)
     "omegaconf>=2.3,<2.4",
     "wandb>=0.18",
     "transformers>=5.0,<6",

@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.batches import DocMix, fill_rows  # noqa: E402
+from janus_train.contracts.synthetic import DocMix, fill_rows  # noqa: E402
 from bench.train_step import DEFAULTS  # noqa: E402
 from janus_train.models import attention  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipelines import synthetic_shapes as shapes  # noqa: E402
-from janus_train.data import conversation as conv  # noqa: E402
+from janus_train.contracts import conversation as conv  # noqa: E402
 from janus_train.data import formats as fmt  # noqa: E402
 from janus_train.data.config import DataConfig, ImageConfig  # noqa: E402
 from janus_train.data.loader import build_train_loader  # noqa: E402
@@ -66,7 +66,7 @@ def _write(out: Path, task: str, samples) -> None:
 
 def build_und(out: Path, n: int, resize: int | None = None) -> None:
     """`resize`: store the images as build_shards --und-resize does (pre-resized PNG)."""
-    from janus_train.data.preprocess import und_resize
+    from janus_train.contracts.preprocess import und_resize
 
     def gen():
         for i in range(n):
@@ -178,7 +178,7 @@ def measure_isolated(cfg: DataConfig, tok: TokenizerInfo, steps: int, task: str)
 def pil_floor_ms(und_dir: Path, size: int = 384, repeats: int = 30) -> dict:
     """Best-of-N milliseconds of the two PIL calls the exact und path cannot avoid (JPEG
     decode and the bicubic resize), on the first few bench images: the per-core ceiling."""
-    from janus_train.data.preprocess import open_rgb
+    from janus_train.contracts.preprocess import open_rgb
     from janus_train.data.shards import ShardReader, dataset_shards
 
     sh = dataset_shards(und_dir)[0]
@@ -202,7 +202,7 @@ def pil_floor_ms(und_dir: Path, size: int = 384, repeats: int = 30) -> dict:
 def draft_ms(repeats: int = 30) -> dict:
     """Best-of-N ms to decode + resize a 1280x960 JPEG to 384 px, with and without
     `jpeg_draft` (reduced-DCT decoding; fast but not pixel-exact)."""
-    from janus_train.data.preprocess import open_rgb, und_resize
+    from janus_train.contracts.preprocess import open_rgb, und_resize
 
     rng = np.random.default_rng(0)
     scene = shapes.make_scene(rng)

@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from janus_train.data.batch import PackedBatch
+from janus_train.contracts.batch import PackedBatch
 from janus_train.logging.mfu import FORMULA, component_sizes, device_peak_flops
 from janus_train.logging.mfu import step_flops as _engine_step_flops
 from janus_train.models.janus.config import JanusConfig
-from janus_train.training.config import TRAINABLE
+from janus_train.models.janus.config import TRAINABLE
 from janus_train.training.step import COUNT_NAMES, batch_counts
 
 MFU_FORMULA = f"MFU = model_flops / step_time / peak; {FORMULA}; all components trainable except the VQ (stage-3 rules)"

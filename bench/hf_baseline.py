@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.batches import PAD_ID, image_token_id
-from janus_train.data.batch import IGNORE_INDEX, TASK_ID, Document
-from janus_train.models.janus import state_dict_adapter as adapter
+from janus_train.contracts.synthetic import PAD_ID, image_token_id
+from janus_train.contracts.batch import IGNORE_INDEX, TASKS, Doc
+from janus_train.models.janus import config_formats, keys
 from janus_train.models.janus.config import JanusConfig
 
 
@@ -32,13 +32,13 @@ def build_hf_model(cfg: JanusConfig, native_sd: dict[str, torch.Tensor], dtype: 
 
     cfg = JanusConfig.from_dict(cfg.to_dict())
     cfg.image_token_id = image_token_id(cfg)
-    hf_cfg = HFJanusConfig(**adapter.config_to_hf(cfg))
+    hf_cfg = HFJanusConfig(**config_formats.config_to_hf(cfg))
     hf_cfg._attn_implementation = attn_impl
     # Built for real on the target device (random init, then overwritten): non-persistent
     # buffers (rotary inv_freq, vision position ids) come out right without special cases.
     with torch.device(device):
         model = JanusForConditionalGeneration(hf_cfg)
-    model.load_state_dict(adapter.from_native(native_sd, cfg, "hf"), strict=True)
+    model.load_state_dict(keys.from_native(native_sd, cfg, "hf"), strict=True)
     model.model.vqmodel.requires_grad_(False)
     return model.to(dtype).train()
 
@@ -54,18 +54,11 @@ class PaddedBatch:
     supervised: int
 
 
-def _task_of(doc: Document) -> str:
-    for t in doc.loss_task:
-        if t >= 0:
-            return next(name for name, i in TASK_ID.items() if i == t)
-    raise ValueError(f"document {doc.key} has no supervised token")
-
-
-def padded_task_batches(docs: list[Document], device: torch.device, float_dtype: torch.dtype) -> list[PaddedBatch]:
+def padded_task_batches(docs: list[Doc], device: torch.device, float_dtype: torch.dtype) -> list[PaddedBatch]:
     """One right-padded batch per task, padded to that task's longest document."""
     out = []
     for task in ("und", "text", "gen"):
-        group = [d for d in docs if _task_of(d) == task]
+        group = [d for d in docs if TASKS[d.task] == task]
         if not group:
             continue
         n, s = len(group), max(len(d) for d in group)
@@ -75,12 +68,14 @@ def padded_task_batches(docs: list[Document], device: torch.device, float_dtype:
         gen = torch.zeros((n, s), dtype=torch.bool)
         for i, d in enumerate(group):
             k = len(d)
-            ids[i, :k] = torch.tensor(d.input_ids)
+            ids[i, :k] = torch.from_numpy(d.ids.astype("int64"))
             mask[i, :k] = 1
-            labels[i, :k] = torch.tensor(d.labels)
-            gen[i, :k] = torch.tensor(d.gen_mask)
-        images = [im for d in group for im in d.images]
-        pixels = torch.stack(images).to(device, float_dtype) if images else None
+            # Shifted like ours: labels[j] is the target predicted from position j.
+            row = torch.from_numpy(d.ids[1:].astype("int64"))
+            labels[i, : k - 1] = row.masked_fill(~torch.from_numpy(d.target[1:]), IGNORE_INDEX)
+            gen[i, d.gen_start : k] = True
+        images = [d.pixels for d in group if d.pixels is not None]
+        pixels = torch.cat(images).to(device, float_dtype) if images else None
         out.append(PaddedBatch(task, ids.to(device), mask.to(device), labels.to(device), gen.to(device), pixels,
                                int((labels != IGNORE_INDEX).sum())))
     return out

@@ -1,6 +1,6 @@
 """Measured peak memory of a CPU train step next to the memory plan's estimate.
 
-    python bench/peak_memory.py --model tiny --rows 16 --seq-len 512 [--checkpointing full]
+    python bench/peak_memory.py --model tiny --rows 16 --seq-len 512 [--recompute full]
 
 Measurement (in a fresh child process, so nothing else is resident): build the packed batch,
 run one warm-up step of a 1-block copy of the model (thread pools and kernels initialise
@@ -55,12 +55,12 @@ def _step(model, opt, batch) -> None:
 def child(args) -> dict:
     import torch
 
-    from bench.batches import batch_with_rows
+    from janus_train.contracts.synthetic import batch_with_rows
     from janus_train.models.janus.config import JanusConfig
     from janus_train.models.janus.model import JanusModel
 
     torch.set_num_threads(args.threads)
-    overrides = {"attention": args.attention, "activation_checkpointing": args.checkpointing, "checkpoint_every": args.checkpoint_every}
+    overrides = {"attention": args.attention, "recompute": args.recompute, "recompute_every": args.recompute_every}
     cfg = JanusConfig.from_preset(args.model, overrides)
     batch = batch_with_rows(cfg, args.rows, args.seq_len, seed=args.seed)
     # Warm-up on a one-block model: allocator, thread pools and kernels initialise outside the window.
@@ -99,12 +99,12 @@ def child(args) -> dict:
 def estimate(args, composition: dict):
     from janus_train.models.janus.config import JanusConfig
     from janus_train.tools.memory_plan import PlanSettings, plan_memory
-    from janus_train.training.config import TRAINABLE
+    from janus_train.models.janus.config import TRAINABLE
 
     cfg = JanusConfig.from_preset(args.model, {"attention": args.attention})
     settings = PlanSettings(
         model=cfg, trainable=list(TRAINABLE), zero_stage=0, dp=1, tp=1, micro_batch_rows=args.rows, seq_len=args.seq_len,
-        dtype="fp32", checkpointing=args.checkpointing, checkpoint_every=args.checkpoint_every, attention=args.attention,
+        dtype="fp32", recompute=args.recompute, recompute_every=args.recompute_every, attention=args.attention,
         engine="torch", text_supervised=composition["text_supervised"], gen_supervised=composition["gen_supervised"],
         gen_inputs=composition["gen_inputs"], und_images=composition["und_images"], overhead_gib=0.0,
         head_chunk_tokens=args.head_chunk, sdpa_by_document=composition["sdpa_by_document"],
@@ -118,8 +118,8 @@ def parse_args(argv):
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
-    p.add_argument("--checkpoint-every", type=int, default=2)
+    p.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--recompute-every", type=int, default=2)
     p.add_argument("--head-chunk", type=int, default=None, help="chunked head CE with this many tokens per chunk")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = comp["measured_bytes"]
     print(json.dumps({
         "model": args.model, "rows": args.rows, "seq_len": args.seq_len, "attention": args.attention,
-        "checkpointing": args.checkpointing, "checkpoint_every": args.checkpoint_every, "head_chunk": args.head_chunk, **comp,
+        "recompute": args.recompute, "recompute_every": args.recompute_every, "head_chunk": args.head_chunk, **comp,
         "estimated_bytes": int(plan.peak), "ratio_estimate_over_measured": round(plan.peak / measured, 4),
         "estimate_parts_mib": {k: round(v / 2**20, 2) for k, v in
                                {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer,

@@ -3,7 +3,7 @@
     python bench/train_step.py --model tiny [--attention sdpa] [--seq-len L] [--steps N]
 
 Both systems train on the same documents (i.i.d. und/text/gen documents in the Janus-Pro
-stage-2 ratio 2:3:5, as many as fill --rows rows by first fit, see bench/batches.py:fill_rows)
+stage-2 ratio 2:3:5, as many as fill --rows rows by first fit, see janus_train/contracts/synthetic.py:fill_rows)
 with AdamW and grad clipping, in this process, on the same device, from the same
 weights; their steps are interleaved (ours, baseline, ours, ...) so a busy machine slows both
 alike, and the median step time is reported.
@@ -37,9 +37,9 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.batches import DocMix, fill_rows  # noqa: E402
+from janus_train.contracts.synthetic import DocMix, fill_rows  # noqa: E402
 from bench.flops import MFU_FORMULA, device_peak, executed_flops_packed, executed_flops_padded, step_flops  # noqa: E402
-from janus_train.data.batch import PackedBatch  # noqa: E402
+from janus_train.contracts.batch import PackedBatch  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402
 from janus_train.models.janus.model import JanusModel  # noqa: E402
 
@@ -60,7 +60,7 @@ def build_engine_step(model: JanusModel, batch: PackedBatch, zero_stage: int, dt
     normalisation, per-task losses, FLOP counts, grad clipping) on one packed micro-batch."""
     from janus_train.parallel import deepspeed_engine as dse
     from janus_train.parallel.distributed import init_distributed
-    from janus_train.training.config import TRAINABLE
+    from janus_train.models.janus.config import TRAINABLE
     from janus_train.training.optim import build_optimizer
     from janus_train.training.stages import apply_freeze
     from janus_train.training.step import train_step
@@ -127,7 +127,7 @@ def build_model(cfg: JanusConfig, dtype: torch.dtype, device: torch.device, seed
 def system_record(name: str, step_s: list[float], docs, batch_tokens: int, flops: float, peak: float, peak_src: str, extra: dict) -> dict:
     med = statistics.median(step_s)
     tokens = sum(len(d) for d in docs)
-    supervised = sum(1 for d in docs for lab in d.labels if lab >= 0)
+    supervised = sum(int(d.target.sum()) for d in docs)
     return {
         "system": name,
         **extra,
@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
     p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3], help="our engine's DeepSpeed ZeRO stage (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = DocMix.janus_pro(scale=seq_len / 4096)
     overhead = args.overhead if args.overhead is not None else args.model == "tiny"
 
-    cfg = JanusConfig.from_preset(args.model, {"attention": attention, "activation_checkpointing": args.checkpointing})
+    cfg = JanusConfig.from_preset(args.model, {"attention": attention, "recompute": args.recompute})
     batch, docs = fill_rows(cfg, rows, seq_len, seed=args.seed, mix=mix)
     if args.count_only:
         from bench.hf_baseline import padded_task_batches

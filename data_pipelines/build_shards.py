@@ -73,7 +73,7 @@ def _path(base: Path, p: Any, field: str) -> Path:
 
 
 def _resized_png(path: Path, size: int) -> tuple[str, bytes]:
-    from janus_train.data.preprocess import und_resize
+    from janus_train.contracts.preprocess import und_resize
 
     _, raw = _image(path)  # same checks and skip reasons as the plain path
     arr = und_resize(Image.open(io.BytesIO(raw)).convert("RGB"), size)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from janus_train.data import conversation as conv
+from janus_train.contracts import conversation as conv
 from janus_train.data import formats as fmt
-from janus_train.data.preprocess import gen_pixels, open_rgb
+from janus_train.contracts.preprocess import gen_pixels, open_rgb
 from janus_train.data.shards import ShardReader, dataset_shards, prepare_energon, read_janus_meta, write_janus_meta
 from janus_train.data.tokenize import TokenizerInfo
 
@@ -132,7 +132,7 @@ def pretokenize(
     keep_image: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from janus_train.models.janus.loading import load_pretrained
+    from janus_train.checkpoint.io import load_pretrained
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if in_dir.resolve() == out_dir.resolve():

@@ -14,9 +14,9 @@ import sys
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from janus_train.data.conversation import DEFAULT_SYSTEM_PROMPT
+from janus_train.contracts.conversation import DEFAULT_SYSTEM_PROMPT
 from janus_train.inference.understand import answer
-from janus_train.models.janus.loading import CheckpointError, load_pretrained, load_tokenizer
+from janus_train.checkpoint.io import CheckpointError, load_pretrained, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from janus_train.models.janus.loading import CheckpointError, read_checkpoint, write_checkpoint
+from janus_train.checkpoint.io import CheckpointError, read_checkpoint, write_checkpoint
 
 DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes, image_grid
-from janus_train.models.janus.loading import CheckpointError, load_pretrained, load_tokenizer
+from janus_train.checkpoint.io import CheckpointError, load_pretrained, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,11 +1,23 @@
-"""Shared fixtures: tiny random checkpoints written to disk once per test session."""
+"""Shared fixtures: tiny random checkpoints and the shapes dataset written to disk once per
+test session, a runner that starts launch/train.py for real (plain python, torchrun or the
+deepspeed launcher), and the reference training runs the engine tests compare against."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "launch" / "train.py")
 
 # Two cores: keep intra-op threads from oversubscribing when tests spawn processes.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -43,9 +55,120 @@ def shapes_root(tmp_path_factory):
     """A small synthetic shapes dataset (und, text, gen real + synthetic with VQ codes) and the
     tiny init checkpoint it was tokenised with, laid out as the tiny_demo recipe expects."""
     from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
-    from janus_train.training.assets import build_shapes_dataset
+    from janus_train.tools.demo_assets import build_shapes_dataset
 
     root = tmp_path_factory.mktemp("shapes")
     make_tiny_checkpoint(root / "tiny_init", fmt="hf", seed=0)
     build_shapes_dataset(root, root / "tiny_init", num_samples=240, image_size=96, seed=0, workers=2)
     return root
+
+
+# ---- training runs through the real entry point ------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_overrides(root: Path, run_dir: Path, steps=(2, 2, 2)) -> list[str]:
+    """The tiny recipe on the session's shapes data, quiet (no bar, W&B, samples), in process."""
+    return [
+        "+recipe=tiny_demo",
+        f"data.root={root}",
+        f"model.init_from={root / 'tiny_init'}",
+        f"run_dir={run_dir}",
+        "demo_assets.build=false",
+        "logging.progress=false",
+        "logging.wandb.enabled=false",
+        "logging.sample_every=0",
+        "data.num_workers=0",
+        f"train.stages.stage1.steps={steps[0]}",
+        f"train.stages.stage2.steps={steps[1]}",
+        f"train.stages.stage3.steps={steps[2]}",
+    ]
+
+
+ENGINE_STEPS = 8
+
+
+def engine_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The engine tests' run: stage 2 alone (und:text:gen 2:3:5, 8 rows a step), 8 steps, a
+    checkpoint every 2 (all kept), ZeRO-2, fp32, `data.sharding=global` (a step's rows are the same for
+    any data-parallel size, so runs on different topologies are comparable)."""
+    return [
+        *base_overrides(root, run_dir, steps=(1, ENGINE_STEPS, 1)),
+        "train.stages.stage1.enabled=false",
+        "train.stages.stage3.enabled=false",
+        "train.stages.stage2.ratio=2:3:5",
+        "train.stages.stage2.global_batch=8",
+        "data.sharding=global",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=8",  # every checkpoint stays: tests resume from several
+        "checkpoint.export_hf=false",
+        "parallel.zero_stage=2",
+        "parallel.dtype=fp32",
+        *extra,
+    ]
+
+
+def run_train(overrides: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 900, env: dict | None = None, wait: bool = True, log_path: str | None = None):
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    full_env.update(env or {})
+    if launcher == "python":
+        cmd = [sys.executable, TRAIN, *overrides]
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), TRAIN, *overrides]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()), TRAIN, *overrides]
+    else:
+        raise ValueError(launcher)
+    if not wait:
+        # Output goes to a file: an unread pipe fills up and blocks the ranks mid-step.
+        log = open(log_path or os.devnull, "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO, start_new_session=True)
+        proc.log_path = log_path
+        return proc
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def checked_run(overrides: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 900):
+    r = run_train(overrides, nproc=nproc, launcher=launcher, timeout=timeout)
+    if r.returncode != 0:
+        pytest.fail(f"launch/train.py ({launcher}, {nproc} ranks) exited {r.returncode}:\n{(r.stdout + r.stderr)[-6000:]}")
+    return r
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def trainer_tools():
+    return types.SimpleNamespace(base=base_overrides, engine=engine_overrides, run=run_train, checked=checked_run, metrics=read_metrics)
+
+
+class ReferenceRuns:
+    """The session's uninterrupted engine runs (`engine_overrides`), each trained on first use."""
+
+    def __init__(self, root: Path, tmp: Path):
+        self.root, self.tmp = root, tmp
+
+    @functools.cached_property
+    def one_rank(self) -> Path:
+        run_dir = self.tmp / "one_rank"
+        checked_run(engine_overrides(self.root, run_dir))
+        return run_dir
+
+    @functools.cached_property
+    def two_ranks(self) -> Path:
+        """2 ranks under the real deepspeed launcher, ZeRO-2."""
+        run_dir = self.tmp / "two_ranks"
+        checked_run(engine_overrides(self.root, run_dir), nproc=2, launcher="deepspeed")
+        return run_dir
+
+
+@pytest.fixture(scope="session")
+def reference_runs(shapes_root, tmp_path_factory) -> ReferenceRuns:
+    return ReferenceRuns(shapes_root, tmp_path_factory.mktemp("reference_runs"))

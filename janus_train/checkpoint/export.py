@@ -1,4 +1,4 @@
-"""Read the whole model weights out of a training run or checkpoint (for convert/export)."""
+"""Whole model weights out of a training run or one of its checkpoints (convert, stage exports)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from janus_train.checkpoint.manager import complete_checkpoints, read_meta
 from janus_train.models.janus.config import JanusConfig
-from janus_train.models.janus.loading import CheckpointError, read_checkpoint
+from janus_train.checkpoint.io import CheckpointError, read_checkpoint, write_checkpoint
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -31,3 +31,9 @@ def read_training_checkpoint(path: str | Path) -> tuple[JanusConfig, dict[str, t
         raise CheckpointError(f"{ckpt}: has no model/ directory")
     cfg, sd = read_checkpoint(model_dir, "native")
     return cfg, sd, model_dir
+
+
+def export_checkpoint(path: str | Path, out: str | Path, fmt: str = "hf") -> Path:
+    """Write a training checkpoint's weights (with its tokenizer files) as a `fmt` checkpoint."""
+    cfg, sd, aux = read_training_checkpoint(path)
+    return write_checkpoint(out, cfg, sd, fmt=fmt, aux_from=aux)

@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from janus_train.checkpoint.consolidate import full_state_dict
+from janus_train.checkpoint.io import write_checkpoint
+from janus_train.contracts.faults import fault
 from janus_train.parallel.distributed import barrier, broadcast_object
 
 PREFIX = "step_"
@@ -155,11 +158,16 @@ class CheckpointManager:
         engine,
         meta: CheckpointMeta,
         loader_state: dict[str, Any] | None,
-        consolidated_fn,
-        write_model_fn,
+        model_config,
+        aux_dir: Path | None,
         protect: bool = False,
     ) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint path."""
+        """Collective: every rank calls it. Returns the final checkpoint path.
+
+        Writes DeepSpeed's engine state (every rank its partition), the whole fp32 weights in
+        native format with `aux_dir`'s tokenizer files (rank 0), each rank's loader and RNG
+        state, then meta.json, and renames the directory into place.
+        """
         final = self.root / checkpoint_name(meta.step)
         tmp_name = broadcast_object(f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None)
         tmp = self.root / tmp_name
@@ -167,9 +175,13 @@ class CheckpointManager:
             tmp.mkdir(parents=True, exist_ok=False)
         barrier()
         engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-        sd = consolidated_fn()  # collective; whole weights on rank 0
+        sd = full_state_dict(engine.module, engine.zero_optimization_stage())  # collective; rank 0 holds it
         if self.rank == 0:
-            write_model_fn(tmp / "model", sd)
+            slow = fault("save_sleep")
+            if slow and int(slow[0]) == meta.step:
+                time.sleep(slow[1])
+            write_checkpoint(tmp / "model", model_config, sd, fmt="native", aux_from=aux_dir)
+        del sd
         (tmp / "loader").mkdir(exist_ok=True)
         (tmp / "rng").mkdir(exist_ok=True)
         if loader_state is not None:

@@ -1,5 +1,5 @@
-"""The data configuration: a plain dataclass, loadable from YAML or from a dict (the training
-engine embeds it under `data:` in its Hydra config).
+"""The data configuration: a typed schema (pydantic), loadable from YAML or from a dict (the
+training engine fills it from its `data:` section plus each stage's ratio and batch).
 
 Example (YAML):
 
@@ -15,87 +15,144 @@ Example (YAML):
     seed: 1234
     tokenizer: /ckpt/janus-pro-1b   # a checkpoint (or tokenizer) directory
 
-Every key and its meaning is listed on `DataConfig` below and in docs/data.md.
+`DataSettings` holds what a user sets for a run (the training config's `data:` section);
+`DataConfig` adds what the trainer sets per stage (ratio, global batch, data-parallel layout).
+Every key and its meaning is listed below and in docs/data.md. A bad value raises a
+`ConfigError` naming `data.<key>` and the value.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from janus_train.data.batch import TASKS
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+
+from janus_train.contracts.batch import TASKS
+from janus_train.contracts.errors import ConfigError, from_validation_error
 from janus_train.data.mixing import GRANULARITIES
 
-# The Janus-Pro report's three stages (Table 2): und:text:gen ratio and global batch.
-STAGES: dict[int, dict[str, Any]] = {
-    1: {"ratio": (1.0, 0.0, 3.0), "global_batch": 256},
-    2: {"ratio": (2.0, 3.0, 5.0), "global_batch": 512},
-    3: {"ratio": (5.0, 1.0, 4.0), "global_batch": 128},
-}
-TRUNCATION = ("truncate", "drop")
+Int = Annotated[int, Strict()]
 
 
-@dataclass
-class SourceConfig:
+def parse_ratio(value: Any) -> tuple[float, float, float]:
+    """'2:3:5', [2, 3, 5] or {und: 2, text: 3, gen: 5} -> (2.0, 3.0, 5.0); ValueError naming the
+    value otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError(
+            f"ratio {value!r} is one number; YAML reads an unquoted 2:3:5 as a base-60 integer, "
+            f"so write ratio: [2, 3, 5] or ratio: \"2:3:5\""
+        )
+    if isinstance(value, str):
+        parts: Any = value.replace(",", ":").split(":")
+    elif isinstance(value, dict):
+        extra = sorted(set(value) - set(TASKS))
+        if extra:
+            raise ValueError(f"unknown task(s) {extra} in ratio {value!r}; tasks are {list(TASKS)}")
+        parts = [value.get(t, 0) for t in TASKS]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        raise ValueError(f"ratio {value!r} must look like 'und:text:gen', e.g. '2:3:5'")
+    if len(parts) != 3:
+        raise ValueError(f"ratio {value!r} must have three parts und:text:gen, got {len(parts)}")
+    try:
+        nums = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"ratio {value!r} must be numbers, e.g. '2:3:5'") from None
+    if any(n < 0 or n != n for n in nums):
+        raise ValueError(f"ratio {value!r} must be non-negative")
+    if sum(nums) == 0:
+        raise ValueError(f"ratio {value!r} is all zero: no task would train")
+    return nums  # type: ignore[return-value]
+
+
+Ratio = Annotated[tuple[float, float, float], BeforeValidator(parse_ratio)]
+
+
+def _path_or_mapping(value: Any) -> Any:
+    return {"path": str(value)} if isinstance(value, (str, Path)) else value
+
+
+class SourceConfig(BaseModel):
     """One dataset directory of a task stream."""
 
+    model_config = ConfigDict(extra="forbid")
+
     path: str
-    weight: float = 1.0  # share within its task (normalised over the task's sources)
+    weight: float = Field(1.0, gt=0)  # share within its task (normalised over the task's sources)
     name: str = ""  # shown in stats and meta; defaults to the directory name
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _default_name(self) -> "SourceConfig":
         if not self.name:
             self.name = Path(str(self.path).rstrip("/")).name
+        return self
 
 
-@dataclass
-class DataConfig:
-    und: list[SourceConfig] = field(default_factory=list)
-    text: list[SourceConfig] = field(default_factory=list)
-    gen: list[SourceConfig] = field(default_factory=list)
-    # und:text:gen rows per step; a 0 turns a task off. `stage` (1/2/3) fills ratio and
-    # global_batch from the Janus-Pro recipe when they are not given.
-    ratio: tuple[float, float, float] | None = None  # default: the stage's, else 1:0:3
-    stage: int | None = None
-    seq_len: int = 4096
-    global_batch: int | None = None  # default: the stage's, else 256
-    micro_batch_rows: int = 1
-    # The engine passes dp_rank/dp_size to build_train_loader; these are for tools (inspect).
-    dp_size: int = 1
-    dp_rank: int = 0
-    seed: int = 1234
-    cfg_dropout: float = 0.1  # probability of dropping a gen caption (for CFG)
+Source = Annotated[SourceConfig, BeforeValidator(_path_or_mapping)]
+
+
+class DataSettings(BaseModel):
+    """What a run sets about its data (the training config's `data:` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    und: list[Source] = []  # image + conversation datasets
+    text: list[Source] = []  # text datasets
+    gen: list[Source] = []  # caption + pre-extracted codes datasets; name e.g. real/synthetic
+    seq_len: Int = Field(4096, ge=8)  # packed row length
     tokenizer: str | None = None  # checkpoint or tokenizer directory
-    num_workers: int = 2  # decode processes per rank; 0 decodes in the training process
-    truncation: str = "truncate"  # over-long text/und documents: "truncate" or "drop"
-    granularity: str = "micro_step"  # see mixing.py: "micro_step" (ZeRO-3 safe) or "row"
+    seed: Int = Field(1234, ge=0)  # data order and CFG-dropout seed
+    cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)  # probability of dropping a gen caption (for CFG)
+    num_workers: Int = Field(2, ge=0)  # decode processes per rank; 0 decodes in the training process
+    truncation: Literal["truncate", "drop"] = "truncate"  # over-long text/und documents
+    granularity: Literal[GRANULARITIES] = "micro_step"  # type: ignore[valid-type]  # see mixing.py
     # "rank": each data-parallel rank reads its own part of every source (production).
     # "global": every rank reads the whole stream as a single rank would and keeps its own
     # rows, so a step's global batch is the same for any dp size (costs dp x the reading;
     # for checking that a run does not depend on how the batch is split).
-    sharding: str = "rank"
-    lookahead: int = 64  # documents buffered per source for packing
-    max_wait_steps: int = 4  # a buffered document is packed at the latest this many steps later
-    chunk_size: int = 64  # samples per read request (a contiguous run inside one shard)
-    prefetch: int = 4  # read requests in flight per source
+    sharding: Literal["rank", "global"] = "rank"
+    lookahead: Int = Field(64, ge=1)  # documents buffered per source for packing
+    max_wait_steps: Int = Field(4, ge=1)  # a buffered document is packed at the latest this many steps later
+    chunk_size: Int = Field(64, ge=1)  # samples per read request (a contiguous run inside one shard)
+    prefetch: Int = Field(4, ge=1)  # read requests in flight per source
     und_system_prompt: str | None = "default"  # "default" = conversation.DEFAULT_SYSTEM_PROMPT, null = none
     jpeg_draft: bool = False  # decode large JPEGs at reduced DCT scale (fast, not pixel-exact)
-    worker_start_method: str = "fork"  # like torch DataLoader; spawn/forkserver need a __main__ guard
+    worker_start_method: Literal["spawn", "fork", "forkserver"] = "fork"  # like torch DataLoader
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "DataSettings":
         for task in TASKS:
-            setattr(self, task, [_source(task, i, s) for i, s in enumerate(getattr(self, task) or [])])
-        if self.stage is not None and self.stage not in STAGES:
-            raise ValueError(f"data.stage={self.stage!r} must be one of {sorted(STAGES)}")
-        preset = STAGES[self.stage if self.stage is not None else 1]
-        if self.ratio is None:
-            self.ratio = preset["ratio"]
-        if self.global_batch is None:
-            self.global_batch = preset["global_batch"]
-        self.ratio = _ratio(self.ratio)
-        self.validate()
+            names = [s.name for s in getattr(self, task)]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(f"data.{task}", f"source names must be unique, {dup} repeat (set `name`)")
+        return self
+
+
+class DataConfig(DataSettings):
+    """The loader's whole configuration: the run's settings plus the stage's mix and layout."""
+
+    ratio: Ratio  # und:text:gen rows per step; a 0 turns a task off
+    global_batch: Int = Field(ge=1)  # packed rows per optimizer step, all ranks together
+    micro_batch_rows: Int = Field(1, ge=1)  # rows per micro-batch per rank
+    # The engine passes dp_rank/dp_size to build_train_loader; these are for tools (inspect).
+    dp_size: Int = Field(1, ge=1)
+    dp_rank: Int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _layout(self) -> "DataConfig":
+        if self.dp_rank >= self.dp_size:
+            raise ConfigError("data.dp_rank", f"{self.dp_rank} must be in [0, dp_size={self.dp_size})")
+        unit = self.dp_size * self.micro_batch_rows
+        if self.global_batch % unit:
+            raise ConfigError("data.global_batch", f"{self.global_batch} must be divisible by dp_size*micro_batch_rows={unit}")
+        for task, share in zip(TASKS, self.ratio):
+            if share > 0 and not getattr(self, task):
+                raise ConfigError(f"data.{task}", f"data.ratio gives {task} a share of {share:g} but lists no sources")
+        return self
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -103,11 +160,10 @@ class DataConfig:
         d = dict(d or {})
         if "data" in d and isinstance(d["data"], dict) and len(d) == 1:
             d = dict(d["data"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise from_validation_error(e, "data", where="docs/data.md") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DataConfig":
@@ -116,7 +172,7 @@ class DataConfig:
         with open(path) as f:
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: a data config must be a mapping, got {type(d).__name__}")
+            raise ConfigError("data", f"{path}: a data config must be a mapping, got {type(d).__name__}")
         if "data" in d and isinstance(d["data"], dict) and len(d) == 1:
             d = d["data"]
         d = dict(d)
@@ -137,100 +193,12 @@ class DataConfig:
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = self.model_dump()
         out["ratio"] = list(self.ratio)
         return out
 
-    # ---- checks ---------------------------------------------------------------------------
-    def validate(self) -> "DataConfig":
-        def positive(name: str, value: Any, minimum: int = 1) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"data.{name}={value!r} must be an integer >= {minimum}")
-
-        positive("seq_len", self.seq_len, 8)
-        positive("global_batch", self.global_batch)
-        positive("micro_batch_rows", self.micro_batch_rows)
-        positive("dp_size", self.dp_size)
-        positive("num_workers", self.num_workers, 0)
-        positive("lookahead", self.lookahead)
-        positive("max_wait_steps", self.max_wait_steps)
-        positive("chunk_size", self.chunk_size)
-        positive("prefetch", self.prefetch)
-        if not isinstance(self.dp_rank, int) or not 0 <= self.dp_rank < self.dp_size:
-            raise ValueError(f"data.dp_rank={self.dp_rank!r} must be in [0, dp_size={self.dp_size})")
-        unit = self.dp_size * self.micro_batch_rows
-        if self.global_batch % unit:
-            raise ValueError(
-                f"data.global_batch={self.global_batch} must be divisible by dp_size*micro_batch_rows={unit}"
-            )
-        if not 0.0 <= float(self.cfg_dropout) <= 1.0:
-            raise ValueError(f"data.cfg_dropout={self.cfg_dropout!r} must be in [0, 1]")
-        if self.truncation not in TRUNCATION:
-            raise ValueError(f"data.truncation={self.truncation!r} must be one of {TRUNCATION}")
-        if self.sharding not in ("rank", "global"):
-            raise ValueError(f"data.sharding={self.sharding!r} must be 'rank' or 'global'")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"data.granularity={self.granularity!r} must be one of {GRANULARITIES}")
-        if self.worker_start_method not in ("spawn", "fork", "forkserver"):
-            raise ValueError(f"data.worker_start_method={self.worker_start_method!r} must be spawn, fork or forkserver")
-        for task, share in zip(TASKS, self.ratio):
-            if share > 0 and not getattr(self, task):
-                raise ValueError(f"data.ratio gives {task} a share of {share:g} but data.{task} lists no sources")
-            names = [s.name for s in getattr(self, task)]
-            dup = {n for n in names if names.count(n) > 1}
-            if dup:
-                raise ValueError(f"data.{task}: source names must be unique, {sorted(dup)} repeat (set `name`)")
-        return self
-
     def task_ratio(self) -> dict[str, float]:
         return dict(zip(TASKS, self.ratio))
-
-
-def _source(task: str, i: int, s: Any) -> SourceConfig:
-    where = f"data.{task}[{i}]"
-    if isinstance(s, SourceConfig):
-        src = s
-    elif isinstance(s, str):
-        src = SourceConfig(path=s)
-    elif isinstance(s, dict):
-        bad = sorted(set(s) - {"path", "weight", "name"})
-        if bad:
-            raise ValueError(f"{where}: unknown key(s) {bad}; a source has path, weight, name")
-        if "path" not in s:
-            raise ValueError(f"{where}: missing 'path'")
-        src = SourceConfig(path=str(s["path"]), weight=s.get("weight", 1.0), name=s.get("name") or "")
-    else:
-        raise ValueError(f"{where}={s!r} must be a path or a mapping with path/weight/name")
-    try:
-        src.weight = float(src.weight)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}.weight={src.weight!r} must be a number") from None
-    if not src.weight > 0:
-        raise ValueError(f"{where}.weight={src.weight!r} must be > 0 (remove the source to disable it)")
-    return src
-
-
-def _ratio(r: Any) -> tuple[float, float, float]:
-    value = r
-    if isinstance(r, (int, float)) and not isinstance(r, bool):
-        raise ValueError(
-            f"data.ratio={r!r} is one number; YAML reads an unquoted 2:3:5 as a base-60 integer, "
-            f"so write ratio: [2, 3, 5] or ratio: \"2:3:5\""
-        )
-    if isinstance(r, str):
-        r = r.replace(",", ":").split(":")
-    if isinstance(r, dict):
-        bad = sorted(set(r) - set(TASKS))
-        if bad:
-            raise ValueError(f"data.ratio={value!r}: unknown task(s) {bad}; tasks are {TASKS}")
-        r = [r.get(t, 0) for t in TASKS]
-    try:
-        out = tuple(float(x) for x in r)
-    except (TypeError, ValueError):
-        raise ValueError(f"data.ratio={value!r} must be three numbers und:text:gen") from None
-    if len(out) != 3 or any(x < 0 for x in out) or sum(out) <= 0:
-        raise ValueError(f"data.ratio={value!r} must be three non-negative numbers und:text:gen, not all 0")
-    return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

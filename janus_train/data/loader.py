@@ -32,11 +32,12 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-from janus_train.data import conversation as conv
-from janus_train.data.batch import TASK_ID, TASKS, PackedBatch
+from janus_train.contracts import conversation as conv
+from janus_train.contracts.batch import TASK_ID, TASKS, PackedBatch
 from janus_train.data.config import DataConfig, ImageConfig
 from janus_train.data.mixing import plan_step
-from janus_train.data.packing import Row, TaskPacker, collate
+from janus_train.contracts.batch import Row, collate
+from janus_train.data.packing import TaskPacker
 from janus_train.data.shards import dataset_shards, read_janus_meta
 from janus_train.data.sources import DecodePool, SkipStats, SourcePlan, SourceStream
 from janus_train.data.tokenize import DocBuilder, TokenizerInfo

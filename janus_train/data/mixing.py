@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from janus_train.data.batch import TASKS
+from janus_train.contracts.batch import TASKS
 
 GRANULARITIES = ("micro_step", "row")
 

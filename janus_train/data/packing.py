@@ -29,42 +29,14 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from dataclasses import dataclass, field
+
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from janus_train.data.batch import IGNORE_INDEX, NO_TASK, TASK_ID, TASKS, PackedBatch
+
+from janus_train.contracts.batch import Doc
 from janus_train.data.mixing import SourceBlender
-
-
-@dataclass(eq=False)
-class Doc:
-    """One tokenised sample.
-
-    ids[i] is the input at position i (a text id, or a VQ code for i >= gen_start);
-    target[i] says whether ids[i] is a loss target (predicted from position i-1), so
-    target[0] is always False. und docs carry their images as uint8 [n, H, W, 3].
-    """
-
-    key: str
-    task: int
-    ids: np.ndarray  # int32 [L]
-    target: np.ndarray  # bool [L]
-    gen_start: int  # first code position; == L when the doc has no codes
-    pixels: np.ndarray | None = None
-    source: int = 0  # index of the source within its task
-    pos: tuple[int, int] = (0, 0)  # where the stream found it (slice number, offset)
-    seq: int = 0  # arrival number in its source's buffer
-    arrived: int = 0  # packing step at which it entered the buffer
-    n: int = field(init=False, repr=False)  # length, cached: the packer asks for it a lot
-
-    def __post_init__(self) -> None:
-        self.n = int(self.ids.shape[0])
-
-    def __len__(self) -> int:
-        return self.n
 
 
 class SourceBuffer:
@@ -222,116 +194,3 @@ class TaskPacker:
             for doc, (_, seq, arrived) in zip(docs, entries):
                 doc.source, doc.seq, doc.arrived = s, seq, arrived
                 self.buffers[s].add(doc)
-
-
-# ---- rows -> PackedBatch --------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    task: int
-    docs: list[Doc] = field(default_factory=list)
-
-
-_CONSTANTS: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-
-def _constants(seq_len: int, pad_id: int, total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read-only pad run, no-target run and position ramp, built once per shape."""
-    key = (seq_len, pad_id, total)
-    c = _CONSTANTS.get(key)
-    if c is None:
-        c = (np.full(seq_len, pad_id, dtype=np.int32), np.zeros(seq_len, dtype=bool), np.arange(total, dtype=np.int64))
-        for a in c:
-            a.flags.writeable = False
-        if len(_CONSTANTS) > 64:
-            _CONSTANTS.clear()
-        _CONSTANTS[key] = c
-    return c
-
-
-def collate(
-    rows: list[Row],
-    seq_len: int,
-    pad_id: int,
-    image_token_id: int,
-    source_names: dict[int, list[str]] | None = None,
-    meta: dict[str, Any] | None = None,
-) -> PackedBatch:
-    """Lay the rows' documents end to end and build every PackedBatch field."""
-    n_rows = len(rows)
-    total = n_rows * seq_len
-    id_parts: list[np.ndarray] = []
-    target_parts: list[np.ndarray] = []
-    lengths: list[int] = []
-    images: list[Any] = []
-    keys: list[list[str]] = []
-    sources: list[list[str]] = []
-    pad_ids, no_target, arange = _constants(seq_len, pad_id, total)
-    used_total = 0
-    for r, row in enumerate(rows):
-        used = 0
-        for d in row.docs:
-            id_parts.append(d.ids)
-            target_parts.append(d.target)
-            lengths.append(d.n)
-            used += d.n
-            if d.pixels is not None:
-                images.append(d.pixels)
-        if used > seq_len:
-            raise ValueError(f"row {r} holds {used} tokens > seq_len {seq_len}")
-        if used < seq_len:  # the padding tail is a document of its own
-            id_parts.append(pad_ids[: seq_len - used])
-            target_parts.append(no_target[: seq_len - used])
-            lengths.append(seq_len - used)
-        used_total += used
-        keys.append([d.key for d in row.docs])
-        names = source_names.get(row.task) if source_names else None
-        sources.append([names[d.source] if names else str(d.source) for d in row.docs])
-    ids = np.concatenate(id_parts, dtype=np.int64)
-    target = np.concatenate(target_parts)
-    len_arr = np.asarray(lengths, dtype=np.int64)
-    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(len_arr, out=cu[1:])
-    positions = arange - np.repeat(cu[:-1], len_arr)
-    labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
-    # BOS and padding are never targets, so a shifted label never crosses a document.
-    np.copyto(labels[:-1], ids[1:], where=target[1:])
-    shape = (n_rows, seq_len)
-    # Rows are task-homogeneous: per-row task ids broadcast over the row.
-    row_task = np.asarray([row.task for row in rows], dtype=np.int64)[:, None]
-    labels2 = labels.reshape(shape)
-    loss_task = np.where(labels2 != IGNORE_INDEX, row_task, NO_TASK)
-    # In gen rows the targets are exactly the code positions (code k is predicted from k-1,
-    # code 0 from <begin_of_image>); und rows hold no codes, so gen_input_mask is target & gen.
-    gen = target.reshape(shape) & (row_task == TASK_ID["gen"])
-    if any(row.task == TASK_ID["und"] for row in rows):
-        und = (ids.reshape(shape) == image_token_id) & (row_task == TASK_ID["und"])
-    else:  # no und row: skip a full-batch compare
-        und = np.zeros(shape, dtype=bool)
-    pix = None
-    if images:
-        # uint8, gathered from the decode buffers; the vision tower normalises on the device.
-        pix = torch.from_numpy(np.concatenate([p.numpy() if isinstance(p, torch.Tensor) else p for p in images]))
-    out_meta = {
-        "keys": keys,
-        "sources": sources,
-        "row_tasks": [TASKS[row.task] for row in rows],
-        "doc_lengths": [[d.n for d in row.docs] for row in rows],
-        "num_docs": sum(len(row.docs) for row in rows),
-        "pad_tokens": int(total - used_total),
-    }
-    if meta:
-        out_meta.update(meta)
-    return PackedBatch(
-        input_ids=torch.from_numpy(ids).view(shape),
-        position_ids=torch.from_numpy(positions).view(shape),
-        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
-        max_seqlen=int(len_arr.max()),
-        labels=torch.from_numpy(labels).view(shape),
-        loss_task=torch.from_numpy(loss_task),
-        gen_input_mask=torch.from_numpy(gen),
-        und_image_mask=torch.from_numpy(und),
-        und_pixel_values=pix,
-        meta=out_meta,
-    )

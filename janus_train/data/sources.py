@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from janus_train.data.formats import SampleError
-from janus_train.data.packing import Doc
+from janus_train.contracts.batch import Doc
 from janus_train.data.shards import ShardInfo, ShardReader
 from janus_train.data.tokenize import DocBuilder
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from janus_train.data import conversation as conv
+from janus_train.contracts import conversation as conv
 from janus_train.data import formats as fmt
-from janus_train.data.batch import TASK_ID
-from janus_train.data.packing import Doc
-from janus_train.data.preprocess import open_rgb, pad_into_chw, und_resize
+from janus_train.contracts.batch import TASK_ID
+from janus_train.contracts.batch import Doc
+from janus_train.contracts.preprocess import open_rgb, pad_into_chw, und_resize
 
 
 _GEN = TASK_ID["gen"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from janus_train.data.conversation import BOI_TOKEN, gen_prompt
+from janus_train.contracts.conversation import BOI_TOKEN, gen_prompt
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from janus_train.data.conversation import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, und_prompt
-from janus_train.data.preprocess import und_pixels
+from janus_train.contracts.conversation import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, und_prompt
+from janus_train.contracts.preprocess import und_pixels
 
 
 @torch.no_grad()

@@ -1,21 +1,50 @@
-"""`<run_dir>/metrics.jsonl`: one JSON object per logged step (rank 0 writes, appends on resume)."""
+"""The metrics of one logged step (`StepRecord`, the one schema), and `<run_dir>/metrics.jsonl`:
+one JSON object per logged step (rank 0 writes, appends on resume)."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from janus_train.training.callbacks import Callback
+from janus_train.logging.callback import Callback
 
-# Every record has these keys (null where a value does not apply), in this order.
-FIELDS = (
-    "step", "stage", "stage_step", "lr", "loss", "loss_und", "loss_text", "loss_gen",
-    "tokens_und", "tokens_text", "tokens_gen", "grad_norm", "tokens_per_s", "samples_per_s",
-    "step_time_s", "model_flops_per_s", "mfu", "memory_gib", "skipped_samples", "skipped_steps",
-    "bad_steps_in_row", "time",
-)
+
+@dataclass
+class StepRecord:
+    """Every metric of a logged step (None where a value does not apply), in file order."""
+
+    step: int  # global optimizer steps completed
+    stage: int
+    stage_step: int
+    lr: float
+    loss: float  # token-mean CE over every supervised token of the step
+    loss_und: float | None  # each task's own token mean (None: no tokens of it this step)
+    loss_text: float | None
+    loss_gen: float | None
+    tokens_und: int  # supervised tokens per task (all ranks)
+    tokens_text: int
+    tokens_gen: int
+    grad_norm: float | None
+    tokens_per_s: float
+    samples_per_s: float
+    step_time_s: float
+    model_flops_per_s: float | None
+    mfu: float | None
+    memory_gib: float  # peak device memory (GPU) or peak RSS (CPU)
+    skipped_samples: int
+    skipped_steps: int
+    bad_steps_in_row: int
+    time: float
+
+    def numbers(self) -> dict[str, float]:
+        """The numeric fields (for dashboards)."""
+        return {k: v for k, v in asdict(self).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StepRecord))
 
 
 def clean(value: Any) -> Any:
@@ -29,8 +58,8 @@ class MetricsFile(Callback):
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / "metrics.jsonl"
 
-    def on_step_end(self, trainer, stage, record: dict[str, Any]) -> None:
-        row = {k: clean(record.get(k)) for k in FIELDS}
+    def on_step_end(self, trainer, stage, record: StepRecord) -> None:
+        row = {k: clean(v) for k, v in asdict(record).items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

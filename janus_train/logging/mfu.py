@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from janus_train.models.janus.config import JanusConfig
-from janus_train.training.stages import grads_flow_into_llm
+from janus_train.models.janus.config import grads_flow_into_llm
 
 # Dense bf16 peaks (FLOP/s) by device-name fragment.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H800": 989e12, "L40S": 362e12}

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
 
-from janus_train.training.callbacks import Callback
+from janus_train.logging.callback import Callback
 
 
 class ProgressBar(Callback):
@@ -16,12 +15,12 @@ class ProgressBar(Callback):
 
         self.bar = tqdm(total=stage.steps, initial=trainer.stage_step, desc=f"stage {stage.index}", unit="step", dynamic_ncols=True)
 
-    def on_step_end(self, trainer, stage, record: dict[str, Any]) -> None:
+    def on_step_end(self, trainer, stage, record) -> None:
         if self.bar is None:
             return
-        self.bar.n = record["stage_step"]
-        loss = record["loss"]
-        self.bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss, tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.n = record.stage_step
+        loss = record.loss
+        self.bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss, tok_s=f"{record.tokens_per_s:.0f}", refresh=False)
         self.bar.refresh()
 
     def on_stage_end(self, trainer, stage) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes
-from janus_train.training.callbacks import Callback
+from janus_train.logging.callback import Callback
 
 
 class SampleGrids(Callback):
@@ -27,9 +26,9 @@ class SampleGrids(Callback):
         self.tok = tokenizer
         self.wandb = wandb_logger
 
-    def on_step_end(self, trainer, stage, record: dict[str, Any]) -> None:
-        if self.every and record["step"] % self.every == 0:
-            self.sample(trainer, record["step"])
+    def on_step_end(self, trainer, stage, record) -> None:
+        if self.every and record.step % self.every == 0:
+            self.sample(trainer, record.step)
 
     def on_stage_end(self, trainer, stage) -> None:
         if self.every:

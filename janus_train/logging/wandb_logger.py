@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from janus_train.training.callbacks import Callback
+from janus_train.logging.callback import Callback
 
 
 class WandbLogger(Callback):
@@ -35,9 +35,9 @@ class WandbLogger(Callback):
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
 
-    def on_step_end(self, trainer, stage, record: dict[str, Any]) -> None:
-        data = {f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        self.run.log(data, step=record["step"])
+    def on_step_end(self, trainer, stage, record) -> None:
+        data = {f"train/{k}": v for k, v in record.numbers().items() if k != "step"}
+        self.run.log(data, step=record.step)
 
     def log_images(self, step: int, images: dict[str, Any]) -> None:
         self.run.log({k: self.wandb.Image(v) for k, v in images.items()}, step=step)

@@ -9,7 +9,7 @@ Backends (`model.attention`):
   eager  explicit softmax(QK^T)V, the readable reference.
 
 All of them build their masking from the same `PackedDocs` (cu_seqlens -> per-token doc ids),
-so "no cross-document attention" is one property checked once (tests/models/test_attention.py).
+so "no cross-document attention" is one property checked once (tests/parallel/test_attention.py).
 Und image tokens attend causally like text tokens, as in the released model.
 """
 
@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from janus_train.data.batch import doc_ids_from_cu_seqlens
+from janus_train.contracts.batch import doc_ids_from_cu_seqlens
+
+ATTENTION_BACKENDS = ("sdpa", "eager", "flex", "flash")
 
 
 @dataclass
@@ -64,7 +66,7 @@ class PackedDocs:
             self._dense = (same & causal)[:, None]
         return self._dense
 
-    def block_mask(self, num_heads: int):
+    def block_mask(self):
         if self._block_mask is None:
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -132,7 +134,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Pa
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=docs.block_mask(q.shape[1]))
+        return flex_attention(q, k, v, block_mask=docs.block_mask())
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
 

@@ -24,9 +24,10 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from janus_train.models.heads import dense_cross_entropy
 
 _MARK = "_chunked_ce_tokens"
 
@@ -45,11 +46,6 @@ def chunked_cross_entropy(
     return torch.cat(parts)
 
 
-def _dense_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # The model's default (per_token_cross_entropy in model.py) for a plain head.
-    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
-
-
 def apply_chunked_head_loss(model: nn.Module, chunk_tokens: int = 1024) -> nn.Module:
     """Make lm_head and gen_head compute their CE in recomputed chunks; in place, idempotent."""
     if chunk_tokens < 1:
@@ -57,7 +53,7 @@ def apply_chunked_head_loss(model: nn.Module, chunk_tokens: int = 1024) -> nn.Mo
     for head in (model.lm_head, model.gen_head):
         if getattr(head, _MARK, None) is not None:
             head.__dict__.pop("per_token_cross_entropy", None)
-        base = getattr(head, "per_token_cross_entropy", None) or functools.partial(_dense_ce, head)
+        base = getattr(head, "per_token_cross_entropy", None) or functools.partial(dense_cross_entropy, head)
         # An instance attribute: the state_dict and the module tree stay as they were.
         head.per_token_cross_entropy = functools.partial(chunked_cross_entropy, base, chunk_tokens=chunk_tokens)
         setattr(head, _MARK, chunk_tokens)

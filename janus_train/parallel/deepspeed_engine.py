@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO around a JanusModel: the config we generate, the engine, whole weights back.
+"""DeepSpeed ZeRO around a model: the config we generate, and the engine.
 
 We generate the DeepSpeed JSON from our config instead of asking users for one, so batch
 sizes, accumulation and precision can never disagree with the data loader.
@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger("janus_train")
 
@@ -76,73 +75,3 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, 
         dist_init_required=False,
     )
     return engine
-
-
-def _full_param(engine, param: torch.Tensor) -> torch.Tensor | None:
-    """This parameter whole (over the data-parallel group), on CPU, or None off rank 0."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    stage = engine.zero_optimization_stage()
-    full = None
-    if param.requires_grad and stage > 0:
-        full = safe_get_full_fp32_param(param)  # the fp32 master copy; a collective under ZeRO-3
-    if full is None:
-        if stage == 3 and hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                full = param.detach().clone()
-        else:
-            full = param.detach()
-    return full.to("cpu", copy=True)
-
-
-def consolidated_state_dict(engine, dtype: torch.dtype = torch.float32, tp_gather=None) -> dict[str, torch.Tensor] | None:
-    """Whole native-key weights on rank 0 (None elsewhere); every rank must call it.
-
-    Trainable weights come from the optimizer's fp32 master copies (not the bf16 working
-    copies), so exports and stage hand-overs lose no precision. `tp_gather(name, tensor)`
-    reassembles tensor-parallel shards when TP is on.
-    """
-    module = engine.module
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in seen:  # tied weights: one tensor, two names
-            if rank == 0:
-                out[name] = out[seen[id(p)]]
-            continue
-        seen[id(p)] = name
-        full = _full_param(engine, p)
-        if tp_gather is not None:
-            full = tp_gather(name, full)
-        if rank == 0:
-            out[name] = full.to(dtype)
-    for name, b in module.named_buffers():
-        if rank == 0:
-            out[name] = b.detach().to("cpu", copy=True)
-    return out if rank == 0 else None
-
-
-def set_master_weights(engine, full_sd: dict[str, torch.Tensor], tp_slice=None) -> None:
-    """Overwrite the optimizer's fp32 master weights with exact values.
-
-    DeepSpeed creates the masters from the (bf16) module weights, which rounds them; after a
-    stage hand-over or a topology change we have the exact fp32 weights and put them back.
-    """
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    device = next(engine.module.parameters()).device
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad or name not in full_sd:
-            continue
-        value = full_sd[name]
-        if tp_slice is not None:
-            value = tp_slice(name, value)
-        elif getattr(p, "tensor_model_parallel", False):
-            # parallel.tp > 1: this rank holds a shard; take its slice of the whole tensor.
-            from janus_train.parallel.tensor_parallel import slice_tp_param
-
-            value = slice_tp_param(name, value)
-        safe_set_full_fp32_param(p, value.to(device=device, dtype=torch.float32))

@@ -16,9 +16,9 @@ each is used on full (all-reduced) activations, and megatron's column-parallel l
 all-reduce the input gradient in backward.
 
 Every TP rank of a data-parallel slot must see the same batch (shard data by DP rank).
-Checkpoints stay whole: `full_state_dict` gathers shards into native full tensors and
-`load_full_state_dict` slices full tensors into this rank's shards, so any TP size reads any
-other's checkpoints.
+Checkpoints stay whole: `gather_tp_param` / `slice_tp_param` convert between a parameter's
+whole tensor and this rank's shard, by TP_PLAN (checkpoint/consolidate.py uses them), so any
+TP size reads any other's checkpoints.
 """
 
 from __future__ import annotations
@@ -337,8 +337,6 @@ def apply_tensor_parallel(model: JanusModel, mpu: ParallelMPU) -> JanusModel:
         attn, mlp = layer.attn, layer.mlp
         attn.q_proj, attn.k_proj, attn.v_proj = column(attn.q_proj), column(attn.k_proj), column(attn.v_proj)
         attn.o_proj = row(attn.o_proj)
-        # Informational: the forward derives local head counts from the projection widths.
-        attn.num_heads, attn.num_kv_heads = cfg.llm.num_heads // tp, cfg.llm.num_kv_heads // tp
         mlp.gate_proj, mlp.up_proj = column(mlp.gate_proj), column(mlp.up_proj)
         mlp.down_proj = row(mlp.down_proj)
 
@@ -354,7 +352,7 @@ def apply_tensor_parallel(model: JanusModel, mpu: ParallelMPU) -> JanusModel:
 def _check_against_plan(model: nn.Module) -> None:
     """The layers built must split exactly what TP_PLAN says (checkpoints rely on the table)."""
     for name, p in model.named_parameters():
-        built = p.partition_dim if _is_tp_split(p) else None
+        built = p.partition_dim if is_tp_split(p) else None
         if built != tp_split_dim(name):
             raise RuntimeError(f"tensor parallel: {name} is split along {built}, TP_PLAN says {tp_split_dim(name)}")
 
@@ -365,48 +363,13 @@ def _no_init(weight: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Whole (unsharded) state dicts
+# Whole tensors <-> this rank's shards (checkpoint/consolidate.py walks a model with these)
 # ---------------------------------------------------------------------------------------
 
 
-def _is_tp_split(t: torch.Tensor) -> bool:
+def is_tp_split(t: torch.Tensor) -> bool:
+    """Whether `t` is a TP shard (megatron's layers mark their split parameters)."""
     return bool(getattr(t, _TP_ATTR, False))
-
-
-def _tp_group_of(model: nn.Module):
-    for m in model.modules():
-        group = getattr(m, "tp_group", None)
-        if group is not None:
-            return group
-    raise RuntimeError("model has TP-split parameters but no module with a tp_group")
-
-
-def _local_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    sd = model.state_dict(keep_vars=True)
-    return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Native keys -> full tensors (CPU, detached) on every rank of the TP group.
-
-    A dense model gives its plain state_dict. Collective over the TP group for a TP model:
-    every TP rank must call it. ZeRO-3-partitioned parameters are not gathered here.
-    """
-    local = _local_state(model)
-    split = [k for k, v in local.items() if _is_tp_split(v)]
-    for k, v in local.items():
-        if hasattr(v, "ds_tensor"):
-            raise RuntimeError(f"full_state_dict: {k} is ZeRO-3 partitioned; gather it with DeepSpeed first")
-    out: dict[str, torch.Tensor] = {}
-    group = _tp_group_of(model) if split else None
-    for k, v in local.items():
-        t = v.detach()
-        if _is_tp_split(v):
-            pieces = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(pieces, t.contiguous(), group=group)
-            t = torch.cat(pieces, dim=v.partition_dim)
-        out[k] = t.cpu().clone()
-    return out
 
 
 def gather_tp_param(name: str, shard: torch.Tensor) -> torch.Tensor:
@@ -437,33 +400,3 @@ def slice_tp_param(name: str, full: torch.Tensor) -> torch.Tensor:
     if full.shape[dim] % tp:
         raise ValueError(f"{name}: dimension {dim} of shape {tuple(full.shape)} does not split {tp} ways")
     return full.chunk(tp, dim=dim)[rank]
-
-
-def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Copy full native tensors into `model`, slicing TP-split ones to this rank's shard.
-
-    Strict: raises KeyError listing missing / unexpected keys and ValueError on a shape that
-    fits neither the full nor the sharded parameter.
-    """
-    local = _local_state(model)
-    sd = dict(sd)
-    cfg = getattr(model, "config", None)
-    if cfg is not None and cfg.llm.tie_word_embeddings and "lm_head.weight" not in sd and "llm.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["llm.embed_tokens.weight"]
-    missing = sorted(set(local) - set(sd))
-    unexpected = sorted(set(sd) - set(local))
-    if missing or unexpected:
-        raise KeyError(f"load_full_state_dict: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    group = _tp_group_of(model) if any(_is_tp_split(v) for v in local.values()) else None
-    with torch.no_grad():
-        for k, dst in local.items():
-            src = sd[k]
-            if _is_tp_split(dst):
-                tp, rank = dist.get_world_size(group), dist.get_rank(group)
-                dim = dst.partition_dim
-                if src.shape[dim] != dst.shape[dim] * tp:
-                    raise ValueError(f"{k}: full shape {tuple(src.shape)} does not split {tp} ways into {tuple(dst.shape)}")
-                src = src.chunk(tp, dim=dim)[rank]
-            if src.shape != dst.shape:
-                raise ValueError(f"{k}: checkpoint shape {tuple(src.shape)} != model shape {tuple(dst.shape)}")
-            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))

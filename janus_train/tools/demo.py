@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "run"
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    # Build the inputs here, before any rank exists (see training/assets.py).
-    from janus_train.training.assets import build_demo_assets
+    # Build the inputs here, before any rank exists (see tools/demo_assets.py).
+    from janus_train.tools.demo_assets import build_demo_assets
 
     build_demo_assets(out / "data", out / "data" / "tiny_init", "tiny", 1500, 1234)
     deepspeed = Path(sys.executable).parent / "deepspeed"

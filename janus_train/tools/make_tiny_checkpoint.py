@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from janus_train.models.janus.config import JanusConfig
-from janus_train.models.janus.loading import write_checkpoint
+from janus_train.checkpoint.io import write_checkpoint
 from janus_train.models.janus.model import JanusModel
 from janus_train.tools.tiny_tokenizer import save_tokenizer_and_processor
 

@@ -56,8 +56,8 @@ class PlanSettings:
     micro_batch_rows: int = 1
     seq_len: int = 4096
     dtype: str = "bf16"  # bf16: DeepSpeed bf16 (fp32 masters); fp32: everything fp32
-    checkpointing: str = "none"
-    checkpoint_every: int = 2
+    recompute: str = "none"
+    recompute_every: int = 2
     attention: str = "flash"
     engine: str = "deepspeed"  # deepspeed | torch (a plain loop with torch AdamW: CPU cross-checks)
     text_supervised: int | None = None  # lm_head positions per micro-batch
@@ -77,8 +77,8 @@ class PlanSettings:
             raise ValueError("engine=torch models a plain loop: zero_stage must be 0")
         if self.dp < 1 or self.tp < 1 or self.micro_batch_rows < 1 or self.seq_len < 1:
             raise ValueError(f"dp={self.dp}, tp={self.tp}, micro_batch_rows={self.micro_batch_rows}, seq_len={self.seq_len} must be >= 1")
-        if self.checkpointing not in ("none", "full", "selective"):
-            raise ValueError(f"activation_checkpointing={self.checkpointing!r} is not one of none|full|selective")
+        if self.recompute not in ("none", "full", "selective"):
+            raise ValueError(f"recompute={self.recompute!r} is not one of none|full|selective")
         return self
 
 
@@ -170,7 +170,7 @@ def layer_activation_bytes(cfg: JanusConfig, s: PlanSettings, weights_train: boo
 
 def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float], float]:
     """(saved activation bytes by part, largest backward transient) for one micro-batch."""
-    from janus_train.training.stages import grads_flow_into_llm
+    from janus_train.models.janus.config import grads_flow_into_llm
 
     b = DTYPE_BYTES[s.dtype]
     t = set(s.trainable)
@@ -182,17 +182,17 @@ def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float
     out: dict[str, float] = {}
     recompute = 0.0
     if through_llm:
-        if s.checkpointing == "none":
+        if s.recompute == "none":
             layers = L * none_layer
-        elif s.checkpointing == "full":
+        elif s.recompute == "full":
             layers = L * b * h  # each block keeps only its input
             recompute = none_layer
-        elif s.checkpoint_every == 1:  # selective, attention half of every block
+        elif s.recompute_every == 1:  # selective, attention half of every block
             attn_part = per_layer["attn_norm"] + per_layer["attn_in"] + per_layer["attention"]
             layers = L * (none_layer - attn_part + b * h)
             recompute = attn_part
         else:  # selective: every Nth block in full
-            n_ckpt = len(range(0, L, s.checkpoint_every))
+            n_ckpt = len(range(0, L, s.recompute_every))
             layers = n_ckpt * b * h + (L - n_ckpt) * none_layer
             recompute = none_layer
         out["llm_blocks"] = layers * tokens
@@ -310,28 +310,21 @@ def _settings_summary(s: PlanSettings) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def settings_from_config(cfg, stage_index: int | None = None) -> list[tuple[str, PlanSettings]]:
-    """One PlanSettings per stage to plan (the given one, or every enabled stage)."""
-    from omegaconf import OmegaConf
-
-    from janus_train.training.config import stage_settings
-
-    m = cfg.model
-    overrides = dict(OmegaConf.to_container(m.overrides, resolve=True))
-    overrides.update(attention=m.attention, activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
-    model = JanusConfig.from_preset(m.preset, overrides)
-    p = cfg.parallel
-    world = int(p.nodes) * int(p.gpus_per_node)
-    tp = int(p.tp)
-    if world % tp:
-        raise ValueError(f"parallel.tp={tp} does not divide parallel.nodes*gpus_per_node={world}")
+def settings_from_config(run, stage_index: int | None = None) -> list[tuple[str, PlanSettings]]:
+    """One PlanSettings per stage to plan (the given one, or every enabled stage) of a
+    validated training config (`training.config.RunConfig`)."""
     from janus_train.parallel.tensor_parallel import check_tp_divisibility
 
-    if tp > 1:
-        check_tp_divisibility(model, tp)
-    dtype = "bf16" if p.dtype == "auto" else str(p.dtype)
-    stages = stage_settings(cfg)
-    wanted = stage_index if stage_index is not None else cfg.stage
+    m, p = run.model, run.parallel
+    model = m.model_config_for()
+    world = p.nodes * p.gpus_per_node
+    if world % p.tp:
+        raise ValueError(f"parallel.tp={p.tp} does not divide parallel.nodes*gpus_per_node={world}")
+    if p.tp > 1:
+        check_tp_divisibility(model, p.tp)
+    dtype = "bf16" if p.dtype == "auto" else p.dtype
+    stages = run.enabled_stages()
+    wanted = stage_index if stage_index is not None else run.stage
     if wanted is not None:
         stages = [st for st in stages if st.index == wanted]
         if not stages:
@@ -342,16 +335,16 @@ def settings_from_config(cfg, stage_index: int | None = None) -> list[tuple[str,
             PlanSettings(
                 model=model,
                 trainable=list(st.trainable),
-                zero_stage=int(p.zero_stage),
-                dp=world // tp,
-                tp=tp,
-                micro_batch_rows=int(cfg.train.micro_batch_rows),
-                seq_len=int(cfg.data.seq_len),
+                zero_stage=p.zero_stage,
+                dp=world // p.tp,
+                tp=p.tp,
+                micro_batch_rows=run.train.micro_batch_rows,
+                seq_len=run.data.seq_len,
                 dtype=dtype,
-                checkpointing=str(m.activation_checkpointing),
-                checkpoint_every=int(m.checkpoint_every),
-                attention=str(m.attention),
-                head_chunk_tokens=m.get("head_chunk_tokens"),
+                recompute=m.recompute,
+                recompute_every=m.recompute_every,
+                attention=m.attention,
+                head_chunk_tokens=m.head_chunk_tokens,
             ),
         )
         for st in stages
@@ -368,8 +361,8 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
     lines = [
         f"{name}: {s['model']}  trainable={','.join(s['trainable'])}",
         f"  ZeRO-{s['zero_stage']}  dp={s['dp']}  tp={s['tp']}  micro_batch_rows={s['micro_batch_rows']}  seq_len={s['seq_len']}  "
-        f"dtype={s['dtype']}  attention={s['attention']}  checkpointing={s['checkpointing']}"
-        + (f" (every {s['checkpoint_every']})" if s["checkpointing"] == "selective" else "")
+        f"dtype={s['dtype']}  attention={s['attention']}  recompute={s['recompute']}"
+        + (f" (every {s['recompute_every']})" if s["recompute"] == "selective" else "")
         + (f"  head_chunk_tokens={s['head_chunk_tokens']}" if s["head_chunk_tokens"] else ""),
     ]
     rows = [
@@ -399,11 +392,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="override model.head_chunk_tokens (the chunked head loss, janus_train/parallel/chunked_loss.py)")
     p.add_argument("--json", action="store_true", help="one JSON object per stage instead of a table")
     args = p.parse_args(argv)
-    from janus_train.training.config import ConfigError, load_config
+    from janus_train.training.config import ConfigError, load_config, validate_config
 
     try:
-        cfg = load_config(args.overrides)
-        plans = settings_from_config(cfg)
+        run = validate_config(load_config(args.overrides), check_paths=False, complete=False)
+        plans = settings_from_config(run)
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

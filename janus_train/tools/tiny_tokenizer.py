@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from janus_train.data import conversation as conv
+from janus_train.contracts import conversation as conv
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan", "gray", "brown"]
 SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ellipse", "diamond", "hexagon", "cross", "ring"]

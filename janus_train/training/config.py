@@ -1,38 +1,187 @@
-"""The training config: Hydra composition of recipes/ plus validation that names the bad key.
+"""The training config: Hydra composes `recipes/`, a typed schema checks it once.
 
-    cfg = load_config(["+recipe=tiny_demo", "parallel.zero_stage=3"])
+    cfg = load_config(["+recipe=tiny_demo", "parallel.zero_stage=3"])   # Hydra composition
+    run = validate_config(cfg, dp_size=2)                              # -> RunConfig (typed)
 
-Composition uses Hydra's compose API (not @hydra.main) so the entry point controls argv
-(the DeepSpeed launcher appends --local_rank), working directories and logging.
-Everything is checked before any rank trains; `ConfigError` carries the key and the value.
+Composition uses Hydra's compose API (not @hydra.main) so the entry point controls argv (the
+DeepSpeed launcher appends --local_rank), working directories and logging. The schema below
+(pydantic models, `extra="forbid"` everywhere) defines every key's type and range; the values
+and their documentation live in `recipes/config.yaml` and the recipes. A problem becomes one
+`ConfigError(key, message)`, which the entry point prints as `config error: <key>: <message>`
+(exit 2) before any process group exists.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
+
+from janus_train.contracts.batch import TASKS
+from janus_train.contracts.errors import ConfigError, from_validation_error, unknown_key
+from janus_train.data.config import DataSettings, Ratio, Source
+from janus_train.models.attention import ATTENTION_BACKENDS
+from janus_train.models.janus.config import PRESETS, RECOMPUTE_MODES, JanusConfig, check_trainable
+
+__all__ = ["ConfigError", "RunConfig", "StageSettings", "load_config", "resolved_yaml", "validate_config"]
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 STAGE_NAMES = ("stage1", "stage2", "stage3")
-TASKS = ("und", "text", "gen")
-TRAINABLE = ("llm", "lm_head", "vision", "und_aligner", "gen_embed", "gen_aligner", "gen_head")
-# Keys below these paths hold free-form content (lists of sources, dotted model overrides).
-FREE_FORM = ("model.overrides", "train.stages.*.sources", "data.und", "data.text", "data.gen", "logging.sample_prompts")
+
+Int = Annotated[int, Strict()]
+PositiveInt = Annotated[int, Strict(), Field(ge=1)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-class ConfigError(ValueError):
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
+def _trainable(names: list[str]) -> list[str]:
+    check_trainable(names)  # ValueError naming the component
+    return names
 
 
-@dataclass
+def _preset(name: str) -> str:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return name
+
+
+def _tasks(sources: dict[str, list]) -> dict[str, list]:
+    bad = sorted(set(sources) - set(TASKS))
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; tasks are {list(TASKS)}")
+    return sources
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- the schema (documentation of every key: recipes/config.yaml) ---------------------------
+
+
+class StageConfig(_Section):
+    enabled: bool
+    trainable: Annotated[list[str], AfterValidator(_trainable)]
+    lr: PositiveFloat
+    warmup_steps: NonNegativeInt
+    steps: NonNegativeInt
+    global_batch: PositiveInt
+    ratio: Ratio
+    sources: Annotated[dict[str, list[Source]], AfterValidator(_tasks)] = {}
+
+
+class StagesConfig(_Section):
+    stage1: StageConfig
+    stage2: StageConfig
+    stage3: StageConfig
+
+
+class OptimizerConfig(_Section):
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+    eps: PositiveFloat
+    weight_decay: NonNegativeFloat
+
+
+class TrainConfig(_Section):
+    micro_batch_rows: PositiveInt
+    max_bad_steps: PositiveInt
+    optimizer: OptimizerConfig
+    grad_clip: NonNegativeFloat
+    stages: StagesConfig
+
+
+class CheckpointConfig(_Section):
+    every_steps: PositiveInt
+    keep_last: PositiveInt
+    export_hf: bool
+
+
+class WandbConfig(_Section):
+    enabled: bool
+    mode: Literal["offline", "online", "disabled"]
+    project: str
+    entity: str | None
+    name: str | None
+
+
+class LoggingConfig(_Section):
+    every_steps: PositiveInt
+    progress: bool
+    peak_flops: PositiveFloat | None
+    sample_every: NonNegativeInt
+    sample_prompts: list[str]
+    sample_num: PositiveInt
+    sample_cfg: NonNegativeFloat
+    sample_seed: Int
+    wandb: WandbConfig
+
+
+class ModelSection(_Section):
+    preset: Annotated[str, AfterValidator(_preset)]
+    overrides: dict[str, Any]
+    init_from: str | None
+    attention: Literal[ATTENTION_BACKENDS]  # type: ignore[valid-type]
+    recompute: Literal[RECOMPUTE_MODES]  # type: ignore[valid-type]
+    recompute_every: PositiveInt
+    head_chunk_tokens: PositiveInt | None
+
+    def model_config_for(self) -> JanusConfig:
+        """The model architecture: the preset, its overrides and the runtime choices."""
+        overrides = dict(self.overrides)
+        overrides.update(attention=self.attention, recompute=self.recompute, recompute_every=self.recompute_every)
+        return JanusConfig.from_preset(self.preset, overrides)
+
+
+class DataSection(DataSettings):
+    root: str | None = None  # base directory the recipe's relative data paths hang from
+
+
+class ParallelConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3]
+    tp: PositiveInt
+    dtype: Literal["auto", "fp32", "bf16"]
+    timeout_minutes: PositiveFloat
+    cpu_threads: PositiveInt | None
+    nodes: PositiveInt
+    gpus_per_node: PositiveInt
+
+
+class DemoAssetsConfig(_Section):
+    build: bool
+    num_samples: PositiveInt
+
+
+class RunConfig(_Section):
+    run_dir: NonEmptyStr
+    resume: NonEmptyStr
+    stage: Literal[1, 2, 3] | None
+    seed: NonNegativeInt
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    model: ModelSection
+    data: DataSection
+    parallel: ParallelConfig
+    demo_assets: DemoAssetsConfig
+
+    def enabled_stages(self) -> list["StageSettings"]:
+        out = []
+        for i, name in enumerate(STAGE_NAMES, start=1):
+            s: StageConfig = getattr(self.train.stages, name)
+            if s.enabled:
+                out.append(StageSettings(i, name, list(s.trainable), s.lr, s.warmup_steps, s.steps, s.global_batch, s.ratio,
+                                         {t: [src.model_dump() for src in v] for t, v in s.sources.items()}))
+        return out
+
+
+@dataclass(frozen=True)
 class StageSettings:
-    """One stage of the schedule, resolved and validated."""
+    """One enabled stage of the schedule, with its position (1..3)."""
 
     index: int
     name: str
@@ -45,278 +194,146 @@ class StageSettings:
     sources: dict[str, list[dict[str, Any]]]
 
 
+# ---- composition ----------------------------------------------------------------------------
+
+
+def _groups(config_dir: Path) -> dict[str, list[str]]:
+    """Config groups (sub-directories of recipes/) and their options."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in config_dir.iterdir() if d.is_dir()}
+
+
 def load_config(overrides: list[str], config_dir: str | Path | None = None) -> DictConfig:
     """Compose recipes/config.yaml with Hydra overrides; raises ConfigError on bad overrides."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    config_dir = str(Path(config_dir or RECIPES_DIR).resolve())
-    GlobalHydra.instance().clear()
+    config_dir = Path(config_dir or RECIPES_DIR).resolve()
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as e:
+        raise ConfigError("overrides", str(e).strip().splitlines()[0]) from None
+    groups = _groups(config_dir)
+    for o in parsed:
+        if o.key_or_group in groups and not o.is_delete():
+            value = o.value()
+            if isinstance(value, str) and value not in groups[o.key_or_group]:
+                raise ConfigError(o.key_or_group, f"no {o.key_or_group} named {value!r}; available: {groups[o.key_or_group]}")
+
+    def compose_with(ovs: list[str]) -> DictConfig:
+        GlobalHydra.instance().clear()
+        # The data keys' defaults are the schema's (one definition): recipes/data/*.yaml
+        # start from this node and set only what they change.
+        ConfigStore.instance().store(group="data", name="schema", node=DataSection().model_dump())
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return compose(config_name="config", overrides=ovs)
+
+    try:
+        return compose_with(list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        msg = str(e)
-        key = _key_from_hydra_error(msg, overrides)
-        if "Could not override" in msg or "not in struct" in msg:
-            text = "unknown key (check the spelling; see recipes/config.yaml)"
-        elif "Could not find" in msg:
-            group = key
-            options = sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
-            text = f"{_first_line(msg)}; available: {options}"
-        else:
-            text = _first_line(msg)
-        raise ConfigError(key, text) from None
-    return cfg
+        raise _explain(e, parsed, groups, compose_with) from None
 
 
-def _first_line(msg: str) -> str:
-    return msg.strip().splitlines()[0] if msg.strip() else msg
-
-
-def _key_from_hydra_error(msg: str, overrides: list[str]) -> str:
-    m = re.search(r"Could not find '([^']+)'", msg)
-    if m:
-        return m.group(1).split("/")[0]
-    for pat in (r"Could not override '([^']+)'", r"Key '([^']+)' is not in struct", r"Could not append to config. An item is already at '([^']+)'", r"In '([^']+)'"):
-        m = re.search(pat, msg)
-        if m:
-            key = m.group(1)
-            for ov in overrides:  # report the full dotted key the user typed
-                name = ov.lstrip("+~").split("=", 1)[0]
-                if name.endswith(key):
-                    return name
-            return key
-    for ov in overrides:
-        if ov.split("=", 1)[0].lstrip("+~") in msg:
-            return ov.split("=", 1)[0].lstrip("+~")
-    return "config"
-
-
-def reference_keys() -> set[str]:
-    """Every dotted key of the base config: anything else in a composed config is unknown."""
-    base = load_config([])
-    keys: set[str] = set()
-    _collect(OmegaConf.to_container(base, resolve=False), "", keys)
-    return keys
-
-
-def _collect(node: Any, prefix: str, out: set[str]) -> None:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            out.add(key)
-            if not _is_free_form(key):
-                _collect(v, key + ".", out)
-
-
-def _is_free_form(key: str) -> bool:
-    for pattern in FREE_FORM:
-        if re.fullmatch(pattern.replace(".", r"\.").replace("*", r"[^.]+"), key):
-            return True
-    return False
-
-
-def parse_ratio(value: Any, key: str) -> tuple[float, float, float]:
-    """'2:3:5', [2, 3, 5] or {und: 2, text: 3, gen: 5} -> (2.0, 3.0, 5.0)."""
-    if isinstance(value, str):
-        parts = value.split(":")
-    elif isinstance(value, (list, tuple, ListConfig)):
-        parts = list(value)
-    elif isinstance(value, (dict, DictConfig)):
-        extra = set(value) - set(TASKS)
-        if extra:
-            raise ConfigError(key, f"unknown task(s) {sorted(extra)} in ratio {value!r}; tasks are {TASKS}")
-        parts = [value.get(t, 0) for t in TASKS]
-    else:
-        raise ConfigError(key, f"ratio {value!r} must look like 'und:text:gen', e.g. '2:3:5'")
-    if len(parts) != 3:
-        raise ConfigError(key, f"ratio {value!r} must have three parts und:text:gen, got {len(parts)}")
-    try:
-        nums = tuple(float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"ratio {value!r} must be numbers, e.g. '2:3:5'") from None
-    if any(n < 0 or n != n for n in nums):
-        raise ConfigError(key, f"ratio {value!r} must be non-negative")
-    if sum(nums) == 0:
-        raise ConfigError(key, f"ratio {value!r} is all zero: no task would train")
-    return nums  # type: ignore[return-value]
-
-
-def _int(cfg: DictConfig, key: str, minimum: int) -> int:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _num(cfg: DictConfig, key: str, minimum: float, strict: bool = False) -> float:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum or (strict and value == minimum):
-        raise ConfigError(key, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
-
-
-def _choice(cfg: DictConfig, key: str, choices: tuple) -> Any:
-    value = OmegaConf.select(cfg, key)
-    if value not in choices:
-        raise ConfigError(key, f"must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def stage_settings(cfg: DictConfig) -> list[StageSettings]:
-    """The enabled stages in order, validated."""
-    stages = cfg.train.stages
-    extra = set(stages) - set(STAGE_NAMES)
-    if extra:
-        raise ConfigError(f"train.stages.{sorted(extra)[0]}", f"unknown stage; stages are {list(STAGE_NAMES)}")
-    out = []
-    for i, name in enumerate(STAGE_NAMES, start=1):
-        if name not in stages:
-            raise ConfigError(f"train.stages.{name}", "missing")
-        s = stages[name]
-        base = f"train.stages.{name}"
-        if not s.get("enabled", True):
+def _explain(error: Exception, parsed: list, groups: dict[str, list[str]], compose_with) -> ConfigError:
+    """Which override Hydra refused, and why: replay the value overrides on the config the
+    group choices alone compose to."""
+    base = compose_with([o.input_line for o in parsed if o.key_or_group in groups])
+    missing = object()
+    added: set[str] = set()
+    for o in parsed:
+        key = o.key_or_group
+        if key in groups:
             continue
-        trainable = list(s.trainable)
-        for comp in trainable:
-            if comp == "vq":
-                raise ConfigError(f"{base}.trainable", "vq is frozen in every stage (Janus-Pro trains on pre-extracted codes)")
-            if comp not in TRAINABLE:
-                raise ConfigError(f"{base}.trainable", f"unknown component {comp!r}; choose from {list(TRAINABLE)}")
-        if not trainable:
-            raise ConfigError(f"{base}.trainable", "no trainable component")
-        raw = s.get("sources")
-        sources = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
-        bad = set(sources) - set(TASKS)
-        if bad:
-            raise ConfigError(f"{base}.sources", f"unknown task(s) {sorted(bad)}; tasks are {list(TASKS)}")
-        out.append(
-            StageSettings(
-                index=i,
-                name=name,
-                trainable=trainable,
-                lr=_num(cfg, f"{base}.lr", 0.0, strict=True),
-                warmup_steps=_int(cfg, f"{base}.warmup_steps", 0),
-                steps=_int(cfg, f"{base}.steps", 0),
-                global_batch=_int(cfg, f"{base}.global_batch", 1),
-                ratio=parse_ratio(s.ratio, f"{base}.ratio"),
-                sources=sources,
-            )
-        )
-    if not out:
-        raise ConfigError("train.stages", "every stage is disabled")
-    return out
+        exists = key in added or OmegaConf.select(base, key, default=missing, throw_on_missing=False) is not missing
+        if o.is_delete() and not exists:
+            return ConfigError(key, "cannot delete: no such key")
+        if o.is_add() and exists and not isinstance(o.value(), (dict, list)):
+            return ConfigError(key, f"already set; write {o.input_line[1:]!r} (without '+') to change it")
+        if not (o.is_add() or o.is_force_add() or o.is_delete()) and not exists:
+            return ConfigError(key, unknown_key())
+        if o.is_add() or o.is_force_add():
+            added.add(key)
+    first = str(error).strip().splitlines()
+    return ConfigError("overrides", first[0] if first else type(error).__name__)
 
 
-def validate_config(cfg: DictConfig, dp_size: int | None = None, check_paths: bool = True) -> list[StageSettings]:
-    """Check everything that can be checked before training; returns the stages to run.
+def resolved_yaml(cfg: DictConfig) -> str:
+    """The config as YAML with interpolations resolved where possible (??? stays visible)."""
+    return OmegaConf.to_yaml(cfg, resolve=not OmegaConf.missing_keys(cfg))
 
-    `dp_size` (data-parallel ranks) enables the batch divisibility check; `check_paths`
-    the existence of data directories (the demo builds them first, then checks).
+
+# ---- validation -----------------------------------------------------------------------------
+
+# What to say about a key a recipe leaves open (???).
+_MISSING_HINTS = {"model.init_from": "must be set: a checkpoint directory to start from (or null for random init)"}
+
+
+def validate_config(cfg: DictConfig, dp_size: int | None = None, check_paths: bool = True, complete: bool = True) -> RunConfig:
+    """Check everything that can be checked before training; returns the typed config.
+
+    `dp_size` (data-parallel ranks) enables the batch divisibility check, `check_paths` the
+    existence of checkpoint and data directories. `complete=False` checks a config for tools
+    that plan rather than train (the memory plan): keys a recipe leaves open (???) and data
+    sources may be missing.
     """
-    known = reference_keys()
-    flat: set[str] = set()
-    _collect(OmegaConf.to_container(cfg, resolve=False), "", flat)
-    unknown = sorted(k for k in flat - known if not any(k.startswith(f + ".") for f in known if _is_free_form(f)))
-    # Stage sub-keys are known for every stage name.
-    unknown = [k for k in unknown if not re.fullmatch(r"train\.stages\.stage[123]\..*", k) or k.split(".")[3] not in _stage_keys()]
-    if unknown:
-        raise ConfigError(unknown[0], "unknown key (check the spelling; see recipes/config.yaml)")
-    for key in ("run_dir", "resume"):
-        if OmegaConf.is_missing(cfg, key) or not isinstance(OmegaConf.select(cfg, key), str) or not OmegaConf.select(cfg, key):
-            raise ConfigError(key, f"must be a non-empty string, got {OmegaConf.select(cfg, key, throw_on_missing=False)!r}")
-    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).exists():
-        raise ConfigError("resume", f"must be auto, none or an existing checkpoint path; {cfg.resume!r} does not exist")
-    if cfg.stage is not None and cfg.stage not in (1, 2, 3):
-        raise ConfigError("stage", f"must be 1, 2, 3 or null, got {cfg.stage!r}")
-    _int(cfg, "seed", 0)
-    _int(cfg, "train.micro_batch_rows", 1)
-    _int(cfg, "train.max_bad_steps", 1)
-    _num(cfg, "train.grad_clip", 0.0)
-    _num(cfg, "train.optimizer.eps", 0.0, strict=True)
-    _num(cfg, "train.optimizer.weight_decay", 0.0)
-    betas = list(cfg.train.optimizer.betas)
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise ConfigError("train.optimizer.betas", f"must be two numbers in [0, 1), got {betas!r}")
-    stages = stage_settings(cfg)
-    if cfg.stage is not None and cfg.stage not in [s.index for s in stages]:
-        raise ConfigError("stage", f"stage {cfg.stage} is disabled in train.stages")
-    _int(cfg, "checkpoint.every_steps", 1)
-    _int(cfg, "checkpoint.keep_last", 1)
-    _int(cfg, "logging.every_steps", 1)
-    _int(cfg, "logging.sample_every", 0)
-    _int(cfg, "logging.sample_num", 1)
-    _num(cfg, "logging.sample_cfg", 0.0)
-    if cfg.logging.peak_flops is not None:
-        _num(cfg, "logging.peak_flops", 0.0, strict=True)
-    _choice(cfg, "logging.wandb.mode", ("offline", "online", "disabled"))
-    _choice(cfg, "parallel.zero_stage", (0, 1, 2, 3))
-    _int(cfg, "parallel.tp", 1)
-    _choice(cfg, "parallel.dtype", ("auto", "fp32", "bf16"))
-    _num(cfg, "parallel.timeout_minutes", 0.0, strict=True)
-    _validate_model(cfg)
-    _validate_data(cfg, stages, check_paths)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing and complete:
+        raise ConfigError(missing[0], _MISSING_HINTS.get(missing[0], "must be set (the recipe leaves it open: ???)"))
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception as e:  # an interpolation that does not resolve
+        raise ConfigError(getattr(e, "full_key", None) or "config", str(e).strip().splitlines()[0]) from None
+    for key in missing:  # only when not required: an open key reads as unset
+        node = container
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = None
+    try:
+        run = RunConfig.model_validate(container)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    _check_consistency(run, dp_size, check_paths, complete)
+    return run
+
+
+def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, complete: bool) -> None:
+    """The checks that involve several keys or the file system."""
+    stages = run.enabled_stages()
+    if not stages:
+        raise ConfigError("train.stages", "every stage is disabled")
+    if run.stage is not None and run.stage not in [s.index for s in stages]:
+        raise ConfigError("stage", f"stage {run.stage} is disabled in train.stages")
+    if check_paths and run.resume not in ("auto", "none") and not Path(run.resume).exists():
+        raise ConfigError("resume", f"must be auto, none or an existing checkpoint path; {run.resume!r} does not exist")
+    init = run.model.init_from
+    if check_paths and init is not None and not Path(init).exists() and not run.demo_assets.build:
+        raise ConfigError("model.init_from", f"checkpoint directory {init!r} does not exist")
+    try:
+        run.model.model_config_for()
+    except ValueError as e:
+        raise ConfigError("model.overrides", str(e)) from None
+    for s in stages:
+        for task, share in zip(TASKS, s.ratio):
+            if share <= 0:
+                continue
+            own = task in s.sources
+            key = f"train.stages.{s.name}.sources.{task}" if own else f"data.{task}"
+            srcs = s.sources[task] if own else [src.model_dump() for src in getattr(run.data, task)]
+            if not srcs and complete:
+                raise ConfigError(key, f"{s.name} gives task {task} a ratio share of {share:g} but lists no sources")
+            for i, src in enumerate(srcs):
+                if check_paths and not Path(src["path"]).is_dir():
+                    raise ConfigError(f"{key}[{i}].path", f"data directory {src['path']!r} does not exist")
     if dp_size is not None:
-        unit = dp_size * cfg.train.micro_batch_rows
+        unit = dp_size * run.train.micro_batch_rows
         for s in stages:
             if s.global_batch % unit:
                 raise ConfigError(
                     f"train.stages.{s.name}.global_batch",
                     f"{s.global_batch} is not divisible by train.micro_batch_rows x data-parallel size = "
-                    f"{cfg.train.micro_batch_rows} x {dp_size} = {unit}",
+                    f"{run.train.micro_batch_rows} x {dp_size} = {unit}",
                 )
-    return stages
-
-
-def _stage_keys() -> set[str]:
-    return {"enabled", "trainable", "lr", "warmup_steps", "steps", "global_batch", "ratio", "sources"}
-
-
-def _validate_model(cfg: DictConfig) -> None:
-    from janus_train.models.janus.config import ATTENTION_BACKENDS, CHECKPOINTING_MODES, PRESETS, JanusConfig
-
-    _choice(cfg, "model.preset", tuple(PRESETS))
-    _choice(cfg, "model.attention", ATTENTION_BACKENDS)
-    _choice(cfg, "model.activation_checkpointing", CHECKPOINTING_MODES)
-    _int(cfg, "model.checkpoint_every", 1)
-    if cfg.model.head_chunk_tokens is not None:
-        _int(cfg, "model.head_chunk_tokens", 1)
-    if OmegaConf.is_missing(cfg.model, "init_from"):
-        raise ConfigError("model.init_from", "must be set: a checkpoint directory to start from (or null for random init)")
-    init = cfg.model.init_from
-    if init is not None and not Path(init).exists() and not cfg.demo_assets.build:
-        raise ConfigError("model.init_from", f"checkpoint directory {init!r} does not exist")
-    try:
-        JanusConfig.from_preset(cfg.model.preset, OmegaConf.to_container(cfg.model.overrides, resolve=True))
-    except ValueError as e:
-        raise ConfigError("model.overrides", str(e)) from None
-
-
-def _validate_data(cfg: DictConfig, stages: list[StageSettings], check_paths: bool) -> None:
-    _int(cfg, "data.seq_len", 8)
-    for s in stages:
-        for task, share in zip(TASKS, s.ratio):
-            if share <= 0:
-                continue
-            key = f"train.stages.{s.name}.sources.{task}" if task in s.sources else f"data.{task}"
-            srcs = s.sources.get(task) if task in s.sources else OmegaConf.to_container(cfg.data[task], resolve=True)
-            if not srcs:
-                raise ConfigError(key, f"{s.name} gives task {task} a ratio share of {share:g} but lists no sources")
-            for i, src in enumerate(srcs):
-                path = src.get("path") if isinstance(src, dict) else src
-                if not path:
-                    raise ConfigError(f"{key}[{i}]", f"source {src!r} has no path")
-                if check_paths and not Path(path).is_dir():
-                    raise ConfigError(f"{key}[{i}].path", f"data directory {path!r} does not exist")
-
-
-def resolved_yaml(cfg: DictConfig) -> str:
-    """The config as YAML with interpolations resolved where possible (??? stays visible)."""
-    return OmegaConf.to_yaml(cfg, resolve=not _has_missing(cfg))
-
-
-def _has_missing(cfg: DictConfig) -> bool:
-    return bool(OmegaConf.missing_keys(cfg))

@@ -1,26 +1,21 @@
-"""Freeze rules: which components train in a stage (Janus-Pro Table 2).
+"""Freeze rules: which components train in a stage.
 
-  stage 1: und_aligner, gen_embed, gen_aligner, gen_head   (LLM and encoders frozen)
-  stage 2: everything but SigLIP (vision) and the VQ tokenizer
-  stage 3: everything but the VQ tokenizer (SigLIP unfrozen)
-
-The recipe lists the components explicitly; this module applies them.
+The recipe lists a stage's trainable components explicitly (Janus-Pro Table 2:
+stage 1 the adaptors and gen head, stage 2 everything but SigLIP, stage 3 everything); this
+module applies them. The component names and the always-frozen ones are the model's
+(`models/janus/config.py`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-COMPONENTS = ("llm", "lm_head", "vision", "und_aligner", "vq", "gen_embed", "gen_aligner", "gen_head")
+from janus_train.models.janus.config import COMPONENTS, check_trainable
 
 
 def apply_freeze(model: nn.Module, trainable: list[str]) -> dict[str, bool]:
     """Set requires_grad per component; returns {component: trains?}."""
-    unknown = set(trainable) - set(COMPONENTS)
-    if unknown:
-        raise ValueError(f"unknown trainable component(s) {sorted(unknown)}; choose from {COMPONENTS}")
-    if "vq" in trainable:
-        raise ValueError("the VQ tokenizer is frozen in every stage")
+    check_trainable(trainable)
     state = {}
     for name in COMPONENTS:
         trains = name in trainable
@@ -30,8 +25,3 @@ def apply_freeze(model: nn.Module, trainable: list[str]) -> dict[str, bool]:
         # Tied weights are one tensor: it trains if either side does.
         model.lm_head.weight.requires_grad_(True)
     return state
-
-
-def grads_flow_into_llm(trainable: list[str]) -> bool:
-    """Whether backward passes through the LLM (it trains, or something before it does)."""
-    return bool({"llm", "vision", "und_aligner", "gen_embed", "gen_aligner"} & set(trainable))

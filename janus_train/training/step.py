@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from janus_train.data.batch import TASKS, PackedBatch
+from janus_train.contracts.batch import TASKS, PackedBatch
 from janus_train.parallel.distributed import all_reduce_sum
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,13 +28,16 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from janus_train.checkpoint.manager import CheckpointManager, CheckpointMeta, find_resume_checkpoint, restore_rng
-from janus_train.logging.metrics import MetricsFile
+from janus_train.logging.metrics import MetricsFile, StepRecord
 from janus_train.logging.mfu import component_sizes, device_peak_flops, step_flops
 from janus_train.models.janus.config import JanusConfig
-from janus_train.models.janus.loading import read_checkpoint, write_checkpoint
+from janus_train.checkpoint.consolidate import set_master_weights
+from janus_train.checkpoint.export import export_checkpoint
+from janus_train.checkpoint.io import load_state_into, load_tokenizer, read_checkpoint, read_config
+from janus_train.contracts.faults import fault
 from janus_train.parallel import deepspeed_engine as dse
-from janus_train.parallel.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
-from janus_train.training.config import ConfigError, StageSettings, validate_config
+from janus_train.parallel.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed, set_cpu_threads
+from janus_train.training.config import ConfigError, RunConfig, StageSettings, validate_config
 from janus_train.training.optim import build_optimizer
 from janus_train.training.signals import StopFlag
 from janus_train.training.stages import apply_freeze
@@ -49,28 +52,18 @@ class TrainingAborted(RuntimeError):
     pass
 
 
-def _fault(name: str) -> list[float] | None:
-    """Fault injection for the crash tests (JANUS_FAULT, comma-separated):
-    save_sleep:STEP:SECONDS sleeps inside the checkpoint write of that step (for kill -9);
-    step_sleep:SECONDS slows every step (so a signal lands mid-run)."""
-    for spec in os.environ.get("JANUS_FAULT", "").split(","):
-        if spec.startswith(name + ":"):
-            return [float(x) for x in spec.split(":")[1:]]
-    return None
-
-
 class Trainer:
-    def __init__(self, cfg: DictConfig, dist_info: DistInfo, stages: list[StageSettings], mpu=None):
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, mpu=None):
         self.cfg = cfg
         self.dist = dist_info
-        self.stages = stages
+        self.stages = cfg.enabled_stages()
         self.mpu = mpu
-        self.tp = int(cfg.parallel.tp)
+        self.tp = cfg.parallel.tp
         if mpu is not None:
             self.dp_size, self.dp_rank, self.dp_group = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank(), mpu.get_data_parallel_group()
         else:
             self.dp_size, self.dp_rank, self.dp_group = dist_info.world_size, dist_info.rank, None
-        self.zero_stage = int(cfg.parallel.zero_stage)
+        self.zero_stage = cfg.parallel.zero_stage
         self.run_dir = Path(cfg.run_dir)
         self.dtype = dse.resolve_dtype(cfg.parallel.dtype, dist_info.device)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, dist_info.rank, self.dp_rank)
@@ -78,6 +71,8 @@ class Trainer:
         self.callbacks: list = []
         self.engine = None
         self.loader = None
+        self.current_stage: StageSettings | None = None
+        self.last_checkpoint: Path | None = None
         self.global_step = 0
         self.stage_step = 0
         self.bad_in_row = 0
@@ -91,13 +86,9 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------------
     def _model_config(self) -> JanusConfig:
         m = self.cfg.model
-        overrides = dict(OmegaConf.to_container(m.overrides, resolve=True))
-        overrides.update(attention=m.attention, activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
-        cfg = JanusConfig.from_preset(m.preset, overrides)
+        cfg = m.model_config_for()
         init = self._init_dir()
         if init is not None:
-            from janus_train.models.janus.loading import read_config
-
             stored = read_config(init)
             for part in ("llm", "vision", "vq"):
                 a, b = getattr(stored, part), getattr(cfg, part)
@@ -140,11 +131,9 @@ class Trainer:
         sd = None
         if weights_dir is not None:
             _, sd = read_checkpoint(weights_dir)
-            from janus_train.models.janus.loading import load_state_into
-
             load_state_into(model, sd)
         else:
-            model.init_weights(seed=int(self.cfg.seed))
+            model.init_weights(seed=self.cfg.seed)
         model.train()
         model.vq.eval()  # frozen; keep it in inference mode
         return model, sd
@@ -152,17 +141,15 @@ class Trainer:
     def _data_config(self, stage: StageSettings):
         from janus_train.data.config import DataConfig
 
-        d = OmegaConf.to_container(self.cfg.data, resolve=True)
-        d.pop("root", None)
-        for task, srcs in stage.sources.items():
-            d[task] = srcs
+        d = self.cfg.data.model_dump(exclude={"root"})
+        d.update(stage.sources)
         d.update(
             ratio=list(stage.ratio),
             global_batch=stage.global_batch,
-            micro_batch_rows=int(self.cfg.train.micro_batch_rows),
+            micro_batch_rows=self.cfg.train.micro_batch_rows,
             tokenizer=str(self.tokenizer_dir),
             # A different order per stage, reproducible from the run's seed.
-            seed=int(d.get("seed", 0)) + 1000 * stage.index,
+            seed=self.cfg.data.seed + 1000 * stage.index,
         )
         return DataConfig.from_dict(d)
 
@@ -185,7 +172,7 @@ class Trainer:
             if lg.wandb.enabled and lg.wandb.mode != "disabled":
                 from janus_train.logging.wandb_logger import WandbLogger
 
-                wandb_cb = WandbLogger(self.run_dir, lg.wandb.project, lg.wandb.mode, lg.wandb.entity, lg.wandb.name, OmegaConf.to_container(self.cfg, resolve=True))
+                wandb_cb = WandbLogger(self.run_dir, lg.wandb.project, lg.wandb.mode, lg.wandb.entity, lg.wandb.name, self.cfg.model_dump())
                 self.callbacks.append(wandb_cb)
             if lg.progress:
                 self.callbacks.append(ProgressBar())
@@ -200,7 +187,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        stage = getattr(self, "current_stage", None)
+        stage = self.current_stage
         status = {
             "state": state,
             "step": self.global_step,
@@ -218,8 +205,6 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self) -> str:
-        from janus_train.models.janus.loading import load_tokenizer
-
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.stop.install()
         removed = self.ckpt.clean_partial()
@@ -256,10 +241,17 @@ class Trainer:
             raise ConfigError("resume", f"resume=none but {self.ckpt.root} holds checkpoints; use resume=auto or a new run_dir")
         if found is not None:
             meta, path = found
+            if meta.dp_size != self.dp_size:
+                raise ConfigError(
+                    "parallel",
+                    f"the checkpoint {path} was written with {meta.dp_size} data-parallel ranks and this run has "
+                    f"{self.dp_size}: each rank's data-loader state belongs to its own slice of the data. Resume with "
+                    f"world size / parallel.tp = {meta.dp_size}, or start a new run_dir with model.init_from={path}",
+                )
             self.global_step = meta.step
             self.skipped_steps = meta.skipped_steps
             if self.dist.is_main:
-                log.warning("resuming from %s (stage %d, step %d/%d in stage)", path, meta.stage, meta.stage_step, meta.stage_steps)
+                log.info("resuming from %s (stage %d, step %d/%d in stage)", path, meta.stage, meta.stage_step, meta.stage_steps)
         return found
 
     def _first_stage_index(self, resume) -> int:
@@ -279,7 +271,7 @@ class Trainer:
             meta = ckpt_state[0]
             same_topology = (meta.world_size, meta.tp, meta.zero_stage, meta.dp_size) == (self.dist.world_size, self.tp, self.zero_stage, self.dp_size)
         # Same initial RNG on every rank for a fresh stage (restored below on resume).
-        seed = int(cfg.seed) + stage.index
+        seed = cfg.seed + stage.index
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -291,14 +283,14 @@ class Trainer:
         if cfg.model.head_chunk_tokens:
             from janus_train.parallel.chunked_loss import apply_chunked_head_loss
 
-            apply_chunked_head_loss(model, int(cfg.model.head_chunk_tokens))
+            apply_chunked_head_loss(model, cfg.model.head_chunk_tokens)
         apply_freeze(model, stage.trainable)
         opt, sched = build_optimizer(model, stage.lr, cfg.train.optimizer.betas, cfg.train.optimizer.eps, cfg.train.optimizer.weight_decay, stage.warmup_steps)
         gas = stage.global_batch // (self.dp_size * cfg.train.micro_batch_rows)
         ds_cfg = dse.deepspeed_config(self.zero_stage, cfg.train.micro_batch_rows, gas, self.dp_size, cfg.train.grad_clip, self.dtype)
         self.engine = dse.build_engine(model, opt, sched, ds_cfg, self.mpu)
         if full_sd is not None and self.dtype != torch.float32:
-            dse.set_master_weights(self.engine, full_sd)
+            set_master_weights(self.engine.module, full_sd)
         loader_state = None
         self.stage_step = 0
         if ckpt_state is not None:
@@ -318,13 +310,6 @@ class Trainer:
                 )
             if not same_topology:
                 self._advance_schedule(self.stage_step)
-            if meta.dp_size != self.dp_size:
-                raise ConfigError(
-                    "parallel",
-                    f"the checkpoint {path} was written with {meta.dp_size} data-parallel ranks and this run has "
-                    f"{self.dp_size}: each rank's data-loader state belongs to its own slice of the data. Resume with "
-                    f"world size / parallel.tp = {meta.dp_size}, or start a new run_dir with model.init_from={path}",
-                )
             loader_state = self.ckpt.loader_state(path, self.dp_rank)
         self.loader = self._build_loader(stage, loader_state)
         self._call("on_stage_start", stage)
@@ -351,15 +336,14 @@ class Trainer:
         # Every rank must produce gradients for the same parameters in every micro-step: ZeRO-3
         # gathers per module, and ZeRO-2 reduces gradient buckets per micro-step. Rows mixed
         # across ranks (data.granularity=row) or ZeRO-3 therefore run every branch.
-        touch_all = self.zero_stage == 3 or cfg.data.get("granularity", "micro_step") == "row"
-        trainable = stage.trainable
+        touch_all = self.zero_stage == 3 or cfg.data.granularity == "row"
         it = iter(self.loader)
         comm_dev = self.dist.device
         while self.stage_step < stage.steps:
             t0 = time.perf_counter()
             lr = float(self.engine.get_lr()[0])
             micro_batches = next(it)
-            slow = _fault("step_sleep")
+            slow = fault("step_sleep")
             if slow:
                 time.sleep(slow[0])
             res = train_step(self.engine, micro_batches, self.dp_size, self.dp_group, self.dist.device, self.dtype, touch_all)
@@ -394,7 +378,7 @@ class Trainer:
                 self._save(stage)
         return "completed"
 
-    def _record(self, stage: StageSettings, res, lr: float, dt: float, skipped_samples: int) -> dict[str, Any]:
+    def _record(self, stage: StageSettings, res, lr: float, dt: float, skipped_samples: int) -> StepRecord:
         flops = step_flops(self.model_config, self.sizes, stage.trainable, res.counts)
         flops_per_s = flops / dt if dt > 0 else None
         mfu = flops_per_s / (self.dist.world_size * self.peak) if (self.peak and flops_per_s) else None
@@ -402,39 +386,32 @@ class Trainer:
             mem = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         else:
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
-        return {
-            "step": self.global_step,
-            "stage": stage.index,
-            "stage_step": self.stage_step,
-            "lr": lr,
-            "loss": res.loss,
-            "loss_und": res.task_loss["und"],
-            "loss_text": res.task_loss["text"],
-            "loss_gen": res.task_loss["gen"],
-            "tokens_und": res.task_tokens["und"],
-            "tokens_text": res.task_tokens["text"],
-            "tokens_gen": res.task_tokens["gen"],
-            "grad_norm": res.grad_norm,
-            "tokens_per_s": res.tokens / dt,
-            "samples_per_s": res.samples / dt,
-            "step_time_s": dt,
-            "model_flops_per_s": flops_per_s,
-            "mfu": mfu,
-            "memory_gib": mem,
-            "skipped_samples": skipped_samples,
-            "skipped_steps": self.skipped_steps,
-            "bad_steps_in_row": self.bad_in_row,
-            "time": time.time(),
-        }
+        return StepRecord(
+            step=self.global_step,
+            stage=stage.index,
+            stage_step=self.stage_step,
+            lr=lr,
+            loss=res.loss,
+            loss_und=res.task_loss["und"],
+            loss_text=res.task_loss["text"],
+            loss_gen=res.task_loss["gen"],
+            tokens_und=res.task_tokens["und"],
+            tokens_text=res.task_tokens["text"],
+            tokens_gen=res.task_tokens["gen"],
+            grad_norm=res.grad_norm,
+            tokens_per_s=res.tokens / dt,
+            samples_per_s=res.samples / dt,
+            step_time_s=dt,
+            model_flops_per_s=flops_per_s,
+            mfu=mfu,
+            memory_gib=mem,
+            skipped_samples=skipped_samples,
+            skipped_steps=self.skipped_steps,
+            bad_steps_in_row=self.bad_in_row,
+            time=time.time(),
+        )
 
     # ---- checkpoints and exports ------------------------------------------------------------
-    def _tp_gather(self):
-        if self.tp == 1:
-            return None
-        from janus_train.parallel.tensor_parallel import gather_tp_param
-
-        return gather_tp_param
-
     def _save(self, stage: StageSettings, protect: bool = False) -> Path:
         meta = CheckpointMeta(
             step=self.global_step,
@@ -448,26 +425,15 @@ class Trainer:
             bad_steps_in_row=self.bad_in_row,
             skipped_steps=self.skipped_steps,
         )
-
-        def consolidated():
-            return dse.consolidated_state_dict(self.engine, torch.float32, self._tp_gather())
-
-        def write_model(path: Path, sd: dict) -> None:
-            fault = _fault("save_sleep")
-            if fault and int(fault[0]) == self.global_step:
-                time.sleep(fault[1])
-            write_checkpoint(path, self.model_config, sd, fmt="native", aux_from=self.tokenizer_dir)
-
         loader_state = self.loader.state_dict() if self.loader is not None else None
-        path = self.ckpt.save(self.engine, meta, loader_state, consolidated, write_model, protect=protect)
+        path = self.ckpt.save(self.engine, meta, loader_state, self.model_config, self.tokenizer_dir, protect=protect)
         self.last_checkpoint = path
         return path
 
     def _export_hf(self, stage: StageSettings) -> None:
         if self.dist.is_main:
-            cfg, sd = read_checkpoint(self.last_checkpoint / "model", "native")
-            out = write_checkpoint(self.run_dir / "exports" / f"stage{stage.index}", cfg, sd, fmt="hf", aux_from=self.tokenizer_dir)
-            log.warning("stage %d exported in HF format to %s", stage.index, out)
+            out = export_checkpoint(self.last_checkpoint, self.run_dir / "exports" / f"stage{stage.index}", "hf")
+            log.info("stage %d exported in HF format to %s", stage.index, out)
         barrier()
 
 
@@ -476,37 +442,41 @@ def _print_config_error(e: ConfigError, rank: int) -> None:
         print(f"config error: {e}", file=sys.stderr, flush=True)
 
 
-def run(cfg: DictConfig) -> int:
-    """Validate, set up the process group, train; returns the process exit code."""
+def run(cfg: DictConfig, prepare: Callable[[DictConfig, DistInfo], None] | None = None) -> int:
+    """Validate, set up the process group, train; returns the process exit code.
+
+    `prepare(cfg, dist_info)`, if given, runs on every rank once the process group exists and
+    before the config is checked against the file system (the demo builds its inputs there).
+    """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    tp = int(cfg.parallel.tp) if isinstance(cfg.parallel.tp, int) else 1
-    if tp < 1 or world % tp:
-        _print_config_error(ConfigError("parallel.tp", f"{cfg.parallel.tp} must divide the world size {world}"), rank)
-        return EXIT_CONFIG
     try:
-        stages = validate_config(cfg, dp_size=world // tp, check_paths=not cfg.demo_assets.build)
+        run_cfg = validate_config(cfg, check_paths=prepare is None)
+        tp = run_cfg.parallel.tp
+        if world % tp:
+            raise ConfigError("parallel.tp", f"{tp} must divide the world size {world}")
+        run_cfg = validate_config(cfg, dp_size=world // tp, check_paths=prepare is None)
     except ConfigError as e:
         _print_config_error(e, rank)
         return EXIT_CONFIG
-    dist_info = init_distributed(float(cfg.parallel.timeout_minutes))
+    set_cpu_threads(run_cfg.parallel.cpu_threads)
+    dist_info = init_distributed(run_cfg.parallel.timeout_minutes)
     trainer = None
     try:
-        if cfg.demo_assets.build:
-            from janus_train.training.assets import ensure_demo_assets
-
-            ensure_demo_assets(cfg, dist_info)
-            stages = validate_config(cfg, dp_size=world // tp, check_paths=True)
+        if prepare is not None:
+            prepare(cfg, dist_info)
+            run_cfg = validate_config(cfg, dp_size=world // tp, check_paths=True)
         mpu = None
         if tp > 1:
             from janus_train.parallel.tensor_parallel import init_tensor_parallel
 
-            mpu = init_tensor_parallel(tp, float(cfg.parallel.timeout_minutes))
+            mpu = init_tensor_parallel(tp, run_cfg.parallel.timeout_minutes)
         if dist_info.is_main:
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        trainer = Trainer(cfg, dist_info, stages, mpu)
+            Path(run_cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        trainer = Trainer(run_cfg, dist_info, mpu)
         state = trainer.run()
         if state == "completed":
             trainer.write_status("completed")

@@ -5,7 +5,7 @@ milliseconds plus `FAKE_STEP_SECONDS` of sleep. What it reproduces is everything
 harness relies on:
 
 * `key=value` overrides (`+recipe=...` included); an unknown key exits 2 with
-  `config error: <key>: <message>` on stderr before any rank trains;
+  `config error: <key>: <message>` on stderr before any rank trains; `--check` validates only;
 * RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the environment, and the
   `--local_rank=N` argument that the deepspeed launcher appends;
 * status.json {"state": "running"} once the signal handlers are installed;
@@ -76,7 +76,11 @@ def newest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def main() -> None:
-    cfg = parse(sys.argv[1:])
+    argv = sys.argv[1:]
+    cfg = parse([a for a in argv if a != "--check"])
+    if "--check" in argv:  # validate only, as launch/train.py --check does
+        print("config ok")
+        sys.exit(0)
     import torch
     import torch.distributed as dist
 

@@ -33,7 +33,7 @@ def hf_tokenizer(tiny_hf_ckpt):
 @pytest.fixture(scope="session")
 def image_cfg(tiny_hf_ckpt):
     from janus_train.data.config import ImageConfig
-    from janus_train.models.janus.loading import read_config
+    from janus_train.checkpoint.io import read_config
 
     return ImageConfig.from_model(read_config(str(tiny_hf_ckpt)))
 

@@ -64,7 +64,7 @@ def test_synthetic_build_pretokenize_inspect_chain(tmp_path, tiny_hf_ckpt, capsy
     assert pretokenize(tiny_hf_ckpt, sh / "gen_real", sh / "gen_real_vq", progress=False)["written"] == 100
     assert {f.name: f.stat().st_mtime_ns for f in (sh / "gen_real_vq").glob("*.tar")} == before
     p = _run(
-        "janus_train.data.inspect",
+        "data_pipelines.inspect",
         "--data-config", str(d / "data.yaml"),
         "--ckpt", str(tiny_hf_ckpt),
         "--seq-len", "256",
@@ -82,10 +82,10 @@ def test_synthetic_build_pretokenize_inspect_chain(tmp_path, tiny_hf_ckpt, capsy
         assert abs(x["gen_sources"]["real"] - x["gen_sources"]["synthetic"]) <= 1
         assert 0 <= x["pad_fraction"] < 0.5 and x["tokens"] > 0 and x["samples"] > 0
         assert x["skipped"] == {}
-    # --stage picks the paper's ratio (in process: the CLI path is covered above)
-    from janus_train.data import inspect
+    # --recipe/--stage take a training recipe's ratio (in process: the CLI path is covered above)
+    from data_pipelines import inspect
 
     capsys.readouterr()
-    inspect.main(["--data-config", str(d / "data.yaml"), "--ckpt", str(tiny_hf_ckpt), "--seq-len", "256", "--global-batch", "16", "--steps", "1", "--stage", "1"])
+    inspect.main(["--data-config", str(d / "data.yaml"), "--ckpt", str(tiny_hf_ckpt), "--seq-len", "256", "--global-batch", "16", "--steps", "1", "--recipe", "janus_pro_1b", "--stage", "1"])
     x = json.loads(capsys.readouterr().out.splitlines()[0])
     assert x["rows"] == {"und": 4, "text": 0, "gen": 12}

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from janus_train.data.batch import TASKS
+from janus_train.contracts.batch import TASKS
 from janus_train.data.mixing import SourceBlender, blend_period, largest_remainder, plan_step
 
 STAGES = [((1, 0, 3), 256), ((2, 3, 5), 512), ((5, 1, 4), 128)]

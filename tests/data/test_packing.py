@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from janus_train.data.batch import IGNORE_INDEX, NO_TASK, TASK_ID
-from janus_train.data.packing import Doc, Row, TaskPacker, collate
+from janus_train.contracts.batch import IGNORE_INDEX, NO_TASK, TASK_ID
+from janus_train.contracts.batch import Doc, Row, collate
+from janus_train.data.packing import TaskPacker
 
 
 def _doc(n: int, key: str, task: str = "text", seed: int = 0, bos: int = 1) -> Doc:

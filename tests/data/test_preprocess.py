@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train.data.preprocess import gen_crop, gen_pixels, normalize_siglip, open_rgb, und_pixels, und_resize_pad
+from janus_train.contracts.preprocess import gen_crop, gen_pixels, normalize_siglip, open_rgb, und_pixels, und_resize_pad
 
 
 def _reference_processor(size: int):
@@ -71,17 +71,17 @@ def test_siglip_normalisation_is_exact_for_every_byte_value():
     ours = normalize_siglip(torch.arange(256, dtype=torch.uint8)).numpy()
     np.testing.assert_array_equal(ours, ref)
     # The batch carries uint8 pixels; the vision tower normalises them with this function.
-    from janus_train.models.janus.siglip import normalize_uint8_pixels
+    from janus_train.models.siglip import normalize_uint8_pixels
 
     on_device = normalize_uint8_pixels(torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16))
     np.testing.assert_array_equal(on_device.numpy().ravel(), ref)
 
 
 def test_collated_und_pixels_are_uint8_and_normalise_to_the_processor_values(tok, image_cfg, jpeg):
-    from janus_train.data.packing import Row, collate
-    from janus_train.data.batch import TASK_ID
+    from janus_train.contracts.batch import Row, collate
+    from janus_train.contracts.batch import TASK_ID
     from janus_train.data.tokenize import DocBuilder
-    from janus_train.models.janus.siglip import normalize_uint8_pixels
+    from janus_train.models.siglip import normalize_uint8_pixels
 
     size = image_cfg.image_size
     b = DocBuilder(tok, 1024, image_cfg.num_image_tokens, size)

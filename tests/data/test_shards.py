@@ -128,7 +128,7 @@ def test_build_shards_resumes_finished_shards(tmp_path, jpeg):
 
 
 def test_pretokenized_gen_samples(shapes_data, image_cfg, tok):
-    from janus_train.data import conversation as conv
+    from janus_train.contracts import conversation as conv
     from janus_train.data.formats import load_npy
 
     sh = dataset_shards(shapes_data["synthetic"])[0]

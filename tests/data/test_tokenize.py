@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from janus_train.data import conversation as conv
-from janus_train.data.batch import IGNORE_INDEX, TASK_ID
+from janus_train.contracts import conversation as conv
+from janus_train.contracts.batch import IGNORE_INDEX, TASK_ID
 from janus_train.data.formats import SampleError, npy_bytes
-from janus_train.data.packing import Row, collate
+from janus_train.contracts.batch import Row, collate
 from janus_train.data.tokenize import DocBuilder, cfg_dropped
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data_pipelines import build_shards
-from janus_train.data.preprocess import und_pixels
+from janus_train.contracts.preprocess import und_pixels
 from janus_train.data.shards import read_janus_meta, write_janus_meta
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train.data.conversation import und_prompt
-from janus_train.data.preprocess import und_pixels
+from janus_train.contracts.conversation import und_prompt
+from janus_train.contracts.preprocess import und_pixels
 from janus_train.inference.understand import answer
-from janus_train.models.janus.loading import load_pretrained, load_tokenizer
+from janus_train.checkpoint.io import load_pretrained, load_tokenizer
 
 
 @pytest.fixture

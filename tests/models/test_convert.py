@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from janus_train.convert import convert
-from janus_train.models.janus.loading import CheckpointError, load_pretrained, read_checkpoint
+from janus_train.checkpoint.io import CheckpointError, load_pretrained, read_checkpoint
 
 
 def _tensors(path):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from janus_train.inference.t2i import SampleConfig, generate_codes, prompt_ids
-from janus_train.models.janus.loading import load_pretrained, load_tokenizer
+from janus_train.checkpoint.io import load_pretrained, load_tokenizer
 
 
 @pytest.fixture(scope="module")

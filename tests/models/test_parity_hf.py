@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from janus_train.data.batch import batch_from_rows
-from janus_train.models.janus.loading import load_pretrained, load_tokenizer
+from janus_train.contracts.batch import TASK_ID, Row, collate
+from janus_train.checkpoint.io import load_pretrained, load_tokenizer
 
 TOL = 1e-4
 
@@ -34,15 +34,15 @@ def _codes(n: int, k: int, vocab: int, seed: int = 1) -> list[list[int]]:
 
 
 def hf_und_logits(hf_model, doc, image):
-    ids = torch.tensor([doc.input_ids])
+    ids = torch.tensor([doc.ids.tolist()])
     with torch.no_grad():
         out = hf_model(input_ids=ids, pixel_values=image[None], attention_mask=torch.ones_like(ids))
     return out.logits[0]
 
 
 def hf_gen_logits(hf_model, tok, doc, n_codes):
-    ids = torch.tensor([doc.input_ids[:-n_codes]])
-    codes = torch.tensor([doc.input_ids[-n_codes:]])
+    ids = torch.tensor([doc.ids[:-n_codes].tolist()])
+    codes = torch.tensor([doc.ids[-n_codes:].tolist()])
     with torch.no_grad():
         text_emb = hf_model.get_input_embeddings()(ids)
         code_emb = hf_model.prepare_embeddings_for_image_generation(codes)
@@ -62,7 +62,8 @@ def check_model_parity(model, hf_model, tok, docs):
     gen2 = docs.gen(tok, "a green star on the left", codes[1], key="g2")
     seq = 128
     # Two documents per row: also checks position resets and the block-diagonal mask.
-    batch = batch_from_rows([[und1, und2], [gen1, gen2]], seq, pad_id=tok.pad_token_id)
+    rows = [Row(TASK_ID["und"], [und1, und2]), Row(TASK_ID["gen"], [gen1, gen2])]
+    batch = collate(rows, seq, tok.pad_token_id, tok.convert_tokens_to_ids("<image_placeholder>"))
     batch.validate(n_img)
     with torch.no_grad():
         hidden = model.hidden_states(batch)

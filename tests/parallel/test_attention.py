@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from bench.batches import mixed_batch
+from janus_train.contracts.synthetic import mixed_batch
 from janus_train.models import attention as attn_mod
 from janus_train.models.attention import PackedDocs, packed_attention
 from janus_train.models.janus.config import JanusConfig

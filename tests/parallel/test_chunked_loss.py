@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from bench.batches import mixed_batch
+from janus_train.contracts.synthetic import mixed_batch
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janus.model import JanusModel
 from janus_train.parallel.chunked_loss import apply_chunked_head_loss

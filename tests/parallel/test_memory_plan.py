@@ -17,11 +17,11 @@ PAPER_7B = ["+recipe=janus_pro_7b", "parallel.nodes=32", "parallel.gpus_per_node
 
 
 def test_7b_on_32x8_a100_40gb_zero3_full_checkpointing_fits(capsys):
-    code = memory_plan.main([*PAPER_7B, "model.activation_checkpointing=full", "--device-mem-gib", "40", "--json"])
+    code = memory_plan.main([*PAPER_7B, "model.recompute=full", "--device-mem-gib", "40", "--json"])
     plans = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["stage"] for p in plans] == ["stage1", "stage2", "stage3"]
     for p in plans:
-        assert p["settings"]["dp"] == 256 and p["settings"]["zero_stage"] == 3 and p["settings"]["checkpointing"] == "full"
+        assert p["settings"]["dp"] == 256 and p["settings"]["zero_stage"] == 3 and p["settings"]["recompute"] == "full"
         assert p["fits"] is True, p
     assert code == 0
 
@@ -39,9 +39,10 @@ def test_plan_discriminates_and_tp_divides_the_llm(capsys):
 
 
 def _peak(overrides: list[str]) -> float:
-    from janus_train.training.config import load_config
+    from janus_train.training.config import load_config, validate_config
 
-    [(_, settings)] = memory_plan.settings_from_config(load_config(overrides))
+    run = validate_config(load_config(overrides), check_paths=False, complete=False)
+    [(_, settings)] = memory_plan.settings_from_config(run)
     return memory_plan.plan_memory(settings).peak
 
 
@@ -49,11 +50,11 @@ def _peak(overrides: list[str]) -> float:
 @pytest.mark.parametrize(
     "args",
     [
-        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "none"],
-        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "full"],
-        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "selective", "--checkpoint-every", "1"],
-        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--checkpointing", "full", "--head-chunk", "512"],
-        ["--model", "small", "--rows", "2", "--seq-len", "256", "--checkpointing", "none"],
+        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--recompute", "none"],
+        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--recompute", "full"],
+        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--recompute", "selective", "--recompute-every", "1"],
+        ["--model", "tiny", "--rows", "16", "--seq-len", "512", "--recompute", "full", "--head-chunk", "512"],
+        ["--model", "small", "--rows", "2", "--seq-len", "256", "--recompute", "none"],
     ],
     ids=["tiny-none", "tiny-full", "tiny-selective-attn", "tiny-full-chunked-heads", "small-none"],
 )

@@ -11,7 +11,8 @@ import torch
 
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janus.model import JanusModel
-from janus_train.parallel.tensor_parallel import ParallelMPU, check_tp_divisibility, full_state_dict, init_tensor_parallel
+from janus_train.checkpoint.consolidate import full_state_dict
+from janus_train.parallel.tensor_parallel import ParallelMPU, check_tp_divisibility, init_tensor_parallel
 
 from .conftest import torchrun
 

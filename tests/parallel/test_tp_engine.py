@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import launch_train, train_overrides
-
 pytestmark = pytest.mark.slow
 TOL = 1e-5
+STEPS = 3  # of the engine runs (tests/conftest.py), enough for a checkpoint at step 2
 
 
 def _metrics(run_dir: Path) -> dict[int, dict]:
@@ -20,18 +19,22 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(shapes_data, tmp_path_factory):
-    """Three steps at tp=2 (2 ranks, with an HF export) and at tp=1, checkpoints after step 2."""
+def runs(shapes_root, tmp_path_factory, reference_runs, trainer_tools):
+    """The engine run at tp=2 (2 ranks, 3 steps, with an HF export) and at tp=1 (the session's
+    one-rank reference); checkpoints after step 2."""
     base = tmp_path_factory.mktemp("tp_runs")
-    launch_train(train_overrides(shapes_data, base / "tp2", "parallel.tp=2", "checkpoint.export_hf=true"), nproc=2)
-    launch_train(train_overrides(shapes_data, base / "tp1"), nproc=1)
+    trainer_tools.checked(
+        trainer_tools.engine(shapes_root, base / "tp2", "parallel.tp=2", "checkpoint.export_hf=true", f"train.stages.stage2.steps={STEPS}"),
+        nproc=2, launcher="torchrun",
+    )
+    (base / "tp1").symlink_to(reference_runs.one_rank)
     return base
 
 
 def test_tp2_through_launch_matches_tp1(runs):
     tp2, tp1 = _metrics(runs / "tp2"), _metrics(runs / "tp1")
-    assert sorted(tp2) == sorted(tp1) == [1, 2, 3]
-    for step in tp1:
+    assert sorted(tp2) == [1, 2, 3] and sorted(tp1)[:3] == [1, 2, 3]
+    for step in tp2:
         assert abs(tp2[step]["loss"] - tp1[step]["loss"]) <= TOL * abs(tp1[step]["loss"]), step
         for task in ("und", "text", "gen"):
             a, b = tp2[step][f"loss_{task}"], tp1[step][f"loss_{task}"]
@@ -41,8 +44,8 @@ def test_tp2_through_launch_matches_tp1(runs):
 
 
 def test_tp2_checkpoints_and_export_are_whole(runs):
-    from janus_train.models.janus.loading import load_pretrained, read_checkpoint
-    from janus_train.models.janus.state_dict_adapter import native_shapes
+    from janus_train.checkpoint.io import load_pretrained, read_checkpoint
+    from janus_train.models.janus.keys import native_shapes
 
     cfg, sd = read_checkpoint(runs / "tp2" / "checkpoints" / "step_00000002" / "model")
     assert {k: tuple(v.shape) for k, v in sd.items()} == native_shapes(cfg)
@@ -51,12 +54,13 @@ def test_tp2_checkpoints_and_export_are_whole(runs):
 
 
 @pytest.mark.parametrize("src,dst", [("tp2", 1), ("tp1", 2)])
-def test_checkpoint_resumes_at_other_tp(runs, shapes_data, src, dst):
+def test_checkpoint_resumes_at_other_tp(runs, shapes_root, trainer_tools, src, dst):
     """Resume step 3 from the step-2 checkpoint at the other TP size: same loss as the
     uninterrupted run's step 3 (the loss is taken before the update, so it sees the weights)."""
     run_dir = runs / f"{src}_to_tp{dst}"
     ckpt = runs / src / "checkpoints" / "step_00000002"
-    launch_train(train_overrides(shapes_data, run_dir, f"parallel.tp={dst}", f"resume={ckpt}"), nproc=dst)
+    ov = trainer_tools.engine(shapes_root, run_dir, f"parallel.tp={dst}", f"resume={ckpt}", f"train.stages.stage2.steps={STEPS}")
+    trainer_tools.checked(ov, nproc=dst, launcher="torchrun" if dst > 1 else "python")
     resumed, original = _metrics(run_dir), _metrics(runs / src)
     assert sorted(resumed) == [3]
     assert abs(resumed[3]["loss"] - original[3]["loss"]) <= TOL * abs(original[3]["loss"])

@@ -21,18 +21,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.batches import mixed_batch  # noqa: E402
+from janus_train.contracts.synthetic import mixed_batch  # noqa: E402
 from janus_train.models.janus.config import JanusConfig  # noqa: E402
 from janus_train.models.janus.model import JanusModel  # noqa: E402
-from janus_train.parallel import deepspeed_engine as dse  # noqa: E402
+from janus_train.checkpoint.consolidate import full_state_dict, set_master_weights  # noqa: E402
 from janus_train.parallel.chunked_loss import apply_chunked_head_loss  # noqa: E402
 from janus_train.parallel.tensor_parallel import (  # noqa: E402
     apply_tensor_parallel,
     destroy_tensor_parallel,
-    full_state_dict,
     gather_tp_param,
     init_tensor_parallel,
-    load_full_state_dict,
     slice_tp_param,
 )
 
@@ -66,7 +64,7 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
-    grads = full_state_dict(model)
+    grads = full_state_dict(model, dst=None)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(saved[n])
@@ -92,7 +90,7 @@ def parity(out_path: str) -> None:
         report["tasks_present"] = {k: int(v) for k, v in ld.num_tokens.items()}
 
     # 2. Whole state dicts: gathering the shards gives the dense weights back bit for bit.
-    full = full_state_dict(tp_model)
+    full = full_state_dict(tp_model, dst=None)
     ref = dense.state_dict()
     report["full_keys_equal"] = sorted(full) == sorted(ref)
     report["full_exact"] = all(torch.equal(full[k], ref[k]) for k in ref)
@@ -128,9 +126,10 @@ def parity(out_path: str) -> None:
             losses.append(float(loss))
     report["losses_dense"], report["losses_tp"] = losses_d, losses_t
 
-    # 5. Loading whole tensors into a TP model (what a TP=1 -> TP=2 resume does).
-    fresh = apply_tensor_parallel(dense_model(seed=7), mpu)
-    load_full_state_dict(fresh, dense.state_dict())
+    # 5. A TP=1 checkpoint resumed at TP=2: whole weights loaded, then split (as the trainer does).
+    fresh = dense_model(seed=7)
+    fresh.load_state_dict(dense.state_dict())
+    fresh = apply_tensor_parallel(fresh, mpu)
     with torch.no_grad():
         b = batch_for(9)
         report["reload_loss_rel"] = rel(mean_loss(fresh, b), mean_loss(dense, b))
@@ -150,7 +149,7 @@ def parity(out_path: str) -> None:
 
     # 7. Activation checkpointing on the TP model: the recompute replays the collectives.
     ckpt = apply_tensor_parallel(copy.deepcopy(dense), mpu)
-    ckpt.apply_activation_checkpointing("full")
+    ckpt.apply_recompute("full")
     report["checkpointed_grad_rel"] = grad_rel_vs_dense(ckpt, b)
 
     if dist.get_rank() == 0:
@@ -197,12 +196,12 @@ def zero(out_path: str) -> None:
         # The engine's checkpoint path: DeepSpeed's fp32 masters gathered over DP, then TP
         # (whole weights on rank 0). ZeRO-3 partitions the module's own copies, so only
         # ZeRO-1/2 can also be read through full_state_dict.
-        cons = dse.consolidated_state_dict(engine, torch.float32, gather_tp_param)
-        after = full_state_dict(engine.module) if stage < 3 else cons
+        cons = full_state_dict(engine.module, stage)
+        after = full_state_dict(engine.module, 0, dst=None) if stage < 3 else cons
         cons_equal = None if cons is None else all(torch.equal(cons[k], after[k]) for k in after)
         # And back: exact whole weights into the shards' masters (a stage hand-over).
-        dse.set_master_weights(engine, start_sd)
-        back = dse.consolidated_state_dict(engine, torch.float32, gather_tp_param)
+        set_master_weights(engine.module, start_sd)
+        back = full_state_dict(engine.module, stage)
         back_equal = None if back is None else all(torch.equal(back[k], start_sd[k]) for k in start_sd)
         ref_sd = dense.state_dict()
         report[f"zero{stage}"] = {

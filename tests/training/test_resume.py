@@ -16,18 +16,11 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
-REFERENCE_RUN: dict = {}  # the uninterrupted run's directory, for tests that reuse its checkpoints
+STEPS = 8  # the engine runs' length (tests/conftest.py: engine_overrides)
 
 
-def _overrides(tools, root, run_dir, zero=2):
-    return tools.base(root, run_dir, steps=(1, STEPS, 1)) + [
-        "train.stages.stage1.enabled=false",
-        "train.stages.stage3.enabled=false",
-        f"parallel.zero_stage={zero}",
-        "checkpoint.every_steps=2",
-        "checkpoint.export_hf=false",
-    ]
+def _overrides(tools, root, run_dir):
+    return tools.engine(root, run_dir)
 
 
 def _losses(tools, run_dir):
@@ -60,13 +53,10 @@ def _wait_for(pred, proc, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def reference(shapes_root, tmp_path_factory, trainer_tools):
-    run_dir = tmp_path_factory.mktemp("ref")
-    r = trainer_tools.run(_overrides(trainer_tools, shapes_root, run_dir), nproc=2, launcher="deepspeed", timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:]
-    losses = _losses(trainer_tools, run_dir)
+def reference(reference_runs, trainer_tools):
+    """The session's uninterrupted 2-rank ZeRO-2 run of the same config."""
+    losses = _losses(trainer_tools, reference_runs.two_ranks)
     assert [x[0] for x in losses] == list(range(1, STEPS + 1))
-    REFERENCE_RUN["dir"] = run_dir
     return losses
 
 
@@ -115,8 +105,8 @@ def test_kill_during_checkpoint_write_resumes_from_previous(reference, shapes_ro
         assert by_step[step] == {ref}, step
 
 
-def test_resume_with_another_dp_size_fails_clearly(reference, shapes_root, tmp_path, trainer_tools):
-    ckpt = REFERENCE_RUN["dir"] / "checkpoints" / "step_00000006"
+def test_resume_with_another_dp_size_fails_clearly(reference_runs, shapes_root, tmp_path, trainer_tools):
+    ckpt = reference_runs.two_ranks / "checkpoints" / "step_00000006"
     assert (ckpt / "meta.json").is_file()
     ov = _overrides(trainer_tools, shapes_root, tmp_path / "run") + [f"resume={ckpt}"]
     r = trainer_tools.run(ov, nproc=1, launcher="python", timeout=600)

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from janus_train.logging.metrics import FIELDS
-from janus_train.models.janus.loading import load_pretrained, load_tokenizer, read_checkpoint
+from janus_train.checkpoint.io import load_pretrained, load_tokenizer, read_checkpoint
 
 pytestmark = pytest.mark.slow
 

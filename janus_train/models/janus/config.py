@@ -13,44 +13,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ATTENTION_BACKENDS = ("sdpa", "eager", "flex", "flash")
-CHECKPOINTING_MODES = ("none", "full", "selective")
+from janus_train.models.attention import ATTENTION_BACKENDS
+from janus_train.models.llm import RECOMPUTE_MODES, LLMConfig
+from janus_train.models.siglip import VisionConfig
 
 
-@dataclass
-class LLMConfig:
-    """LLaMA-style decoder (DeepSeek-LLM): RMSNorm, RoPE, SwiGLU, no biases."""
 
-    vocab_size: int = 102400
-    hidden_size: int = 2048
-    intermediate_size: int = 5632
-    num_layers: int = 24
-    num_heads: int = 16
-    num_kv_heads: int = 16
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 16384
-    # Janus-Pro ships a separate lm_head; kept as an option for checkpoints that tie it.
-    tie_word_embeddings: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+# The model's parts by role, as `JanusModel` names its submodules; stage freeze rules and the
+# FLOP/memory models are written in these names.
+COMPONENTS: tuple[str, ...] = ("llm", "lm_head", "vision", "und_aligner", "vq", "gen_embed", "gen_aligner", "gen_head")
+# Frozen in every stage: Janus-Pro trains on codes pre-extracted by the VQ tokenizer.
+ALWAYS_FROZEN: tuple[str, ...] = ("vq",)
+TRAINABLE: tuple[str, ...] = tuple(c for c in COMPONENTS if c not in ALWAYS_FROZEN)
+# Components whose training makes gradients flow back through the LLM (it trains, or something
+# at its input does).
+_LLM_INPUTS = ("llm", "vision", "und_aligner", "gen_embed", "gen_aligner")
 
 
-@dataclass
-class VisionConfig:
-    """SigLIP ViT used for understanding (attention-pool head dropped) + its aligner MLP."""
+def check_trainable(trainable: list[str]) -> None:
+    """ValueError naming the first component that cannot train."""
+    for comp in trainable:
+        if comp in ALWAYS_FROZEN:
+            raise ValueError(f"{comp} is frozen in every stage (Janus-Pro trains on pre-extracted codes)")
+        if comp not in COMPONENTS:
+            raise ValueError(f"unknown component {comp!r}; choose from {list(TRAINABLE)}")
+    if not trainable:
+        raise ValueError("no trainable component")
 
-    image_size: int = 384
-    patch_size: int = 16
-    hidden_size: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    layer_norm_eps: float = 1e-6
-    num_channels: int = 3
-    aligner_depth: int = 2
+
+def grads_flow_into_llm(trainable: list[str]) -> bool:
+    """Whether backward passes through the LLM (it trains, or something before it does)."""
+    return bool(set(_LLM_INPUTS) & set(trainable))
 
 
 @dataclass
@@ -84,9 +77,9 @@ class JanusConfig:
     # How packed rows are attended; see janus_train/models/attention.py.
     attention: str = "sdpa"
     # Activation checkpointing of LLM blocks: none | full | selective.
-    activation_checkpointing: str = "none"
+    recompute: str = "none"
     # With "selective": checkpoint every Nth layer (1 = every layer's attention only).
-    checkpoint_every: int = 2
+    recompute_every: int = 2
     # The tokenizer's <image_placeholder> id; only needed to write HF configs.
     image_token_id: int | None = None
     name: str = "custom"
@@ -136,12 +129,12 @@ class JanusConfig:
             raise ValueError(f"vq.latent_channels={vq.latent_channels} must be divisible by 32")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_BACKENDS}")
-        if self.activation_checkpointing not in CHECKPOINTING_MODES:
+        if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(
-                f"activation_checkpointing={self.activation_checkpointing!r} is not one of {CHECKPOINTING_MODES}"
+                f"recompute={self.recompute!r} is not one of {RECOMPUTE_MODES}"
             )
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.recompute_every < 1:
+            raise ValueError(f"recompute_every={self.recompute_every} must be >= 1")
         return self
 
     # ---- serialisation -------------------------------------------------------------------

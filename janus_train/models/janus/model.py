@@ -17,174 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from janus_train.data.batch import TASK_ID, TASKS, PackedBatch
-from janus_train.models.attention import PackedDocs, cached_attention, packed_attention
-from janus_train.models.janus.config import JanusConfig, LLMConfig
-from janus_train.models.janus.siglip import SigLIPVisionTower
+from janus_train.contracts.batch import TASK_ID, TASKS, PackedBatch
+from janus_train.models.attention import PackedDocs
+from janus_train.models.heads import MLPProjector, per_token_cross_entropy
+from janus_train.models.janus.config import ALWAYS_FROZEN, COMPONENTS, JanusConfig
 from janus_train.models.janus.vq import VQTokenizer
-
-# ---------------------------------------------------------------------------------------
-# LLM
-# ---------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as the released model), then cast back before the scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [R, 1, S, head_dim] for positions [R, S] (computed in fp32)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-class KVCache:
-    """Preallocated per-layer key/value buffers for incremental decoding."""
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.length = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, n = self.length, k.shape[2]
-        if start + n > self.max_len:
-            raise ValueError(f"KV cache overflow: {start + n} > max_len {self.max_len}")
-        self.k[layer][:, :, start : start + n] = k
-        self.v[layer][:, :, start : start + n] = v
-        return self.k[layer][:, :, : start + n], self.v[layer][:, :, : start + n]
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-
-    def forward(self, x, cos, sin, docs: PackedDocs | None, backend: str, cache: KVCache | None = None, layer: int = 0):
-        r, s, _ = x.shape
-        # Head counts come from the projection widths so tensor-parallel shards (which hold a
-        # slice of the heads) run this same code.
-        q = self.q_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-            out = cached_attention(q, k, v, backend)
-        else:
-            out = packed_attention(q, k, v, docs, backend)
-        return self.o_proj(out.transpose(1, 2).reshape(r, s, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-        # Set by JanusModel.apply_activation_checkpointing: "none" | "full" | "attn".
-        self.checkpoint_mode = "none"
-
-    def _attn_part(self, x, cos, sin, docs, backend, cache, layer):
-        return self.attn(self.attn_norm(x), cos, sin, docs, backend, cache, layer)
-
-    def forward(self, x, cos, sin, docs, backend, cache=None, layer=0):
-        if self.checkpoint_mode == "full" and self.training and cache is None:
-            return checkpoint(self._forward, x, cos, sin, docs, backend, use_reentrant=False)
-        return self._forward(x, cos, sin, docs, backend, cache, layer)
-
-    def _forward(self, x, cos, sin, docs, backend, cache=None, layer=0):
-        if self.checkpoint_mode == "attn" and self.training and cache is None:
-            h = checkpoint(self._attn_part, x, cos, sin, docs, backend, None, layer, use_reentrant=False)
-        else:
-            h = self._attn_part(x, cos, sin, docs, backend, cache, layer)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class LanguageModel(nn.Module):
-    """Decoder stack without heads: embeddings in, final-normed hidden states out."""
-
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        position_ids: torch.Tensor,
-        docs: PackedDocs | None,
-        backend: str,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
-        x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, docs, backend, cache, i)
-        if cache is not None:
-            cache.length += inputs_embeds.shape[1]
-        return self.norm(x)
-
-
-# ---------------------------------------------------------------------------------------
-# Adaptors and heads
-# ---------------------------------------------------------------------------------------
-
-
-class MLPProjector(nn.Module):
-    """Linear, then (GELU, Linear) x (depth - 1): the und and gen aligners."""
-
-    def __init__(self, in_dim: int, out_dim: int, depth: int):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(in_dim, out_dim)] + [nn.Linear(out_dim, out_dim) for _ in range(depth - 1)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers[0](x)
-        for layer in self.layers[1:]:
-            x = layer(F.gelu(x))
-        return x
+from janus_train.models.llm import KVCache, LanguageModel, RMSNorm
+from janus_train.models.siglip import SigLIPVisionTower
 
 
 class GenHead(nn.Module):
@@ -216,8 +56,7 @@ class TaskLosses:
 
 
 class JanusModel(nn.Module):
-    # Submodule names by role; stage freeze rules (training/stages.py) are written in these.
-    COMPONENTS = ("llm", "lm_head", "vision", "und_aligner", "vq", "gen_embed", "gen_aligner", "gen_head")
+    COMPONENTS = COMPONENTS  # submodule names by role (config.py)
 
     def __init__(self, config: JanusConfig):
         super().__init__()
@@ -234,8 +73,9 @@ class JanusModel(nn.Module):
         self.gen_embed = nn.Embedding(c.vq.codebook_size, c.vq.code_dim)
         self.gen_aligner = MLPProjector(c.vq.code_dim, c.llm.hidden_size, c.vq.gen_aligner_depth)
         self.gen_head = GenHead(c.llm.hidden_size, c.gen_head_hidden, c.vq.codebook_size)
-        self.vq.requires_grad_(False)
-        self.apply_activation_checkpointing(c.activation_checkpointing, c.checkpoint_every)
+        for name in ALWAYS_FROZEN:
+            getattr(self, name).requires_grad_(False)
+        self.apply_recompute(c.recompute, c.recompute_every)
 
     # ---- setup ---------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
@@ -259,7 +99,7 @@ class JanusModel(nn.Module):
             if self.config.vq.codebook_l2_norm:
                 self.vq.codebook.weight.copy_(F.normalize(self.vq.codebook.weight, dim=-1))
 
-    def apply_activation_checkpointing(self, mode: str, every: int = 2) -> None:
+    def apply_recompute(self, mode: str, every: int = 2) -> None:
         """Recompute LLM block activations in backward instead of keeping them.
 
         none       keep everything.
@@ -269,18 +109,18 @@ class JanusModel(nn.Module):
                    RoPE, attention, o_proj) and keeps its MLP activations.
         """
         if every < 1:
-            raise ValueError(f"checkpoint_every={every} must be >= 1")
+            raise ValueError(f"recompute_every={every} must be >= 1")
         for i, layer in enumerate(self.llm.layers):
             if mode == "full":
-                layer.checkpoint_mode = "full"
+                layer.recompute_mode = "full"
             elif mode == "selective" and every == 1:
-                layer.checkpoint_mode = "attn"
+                layer.recompute_mode = "attn"
             elif mode == "selective":
-                layer.checkpoint_mode = "full" if i % every == 0 else "none"
+                layer.recompute_mode = "full" if i % every == 0 else "none"
             elif mode == "none":
-                layer.checkpoint_mode = "none"
+                layer.recompute_mode = "none"
             else:
-                raise ValueError(f"activation_checkpointing={mode!r} is not one of none|full|selective")
+                raise ValueError(f"recompute={mode!r} is not one of none|full|selective")
 
     # ---- embeddings ----------------------------------------------------------------------
     def embed_und_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -374,23 +214,3 @@ class JanusModel(nn.Module):
         b, t, _ = inputs_embeds.shape
         pos = torch.arange(cache.length, cache.length + t, device=inputs_embeds.device)[None].expand(b, t)
         return self.llm(inputs_embeds, pos, None, self.config.attention, cache=cache)
-
-
-def per_token_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """fp32 CE per position. A head may provide its own `per_token_cross_entropy` (a
-    vocab-parallel head computes it without gathering the full vocabulary)."""
-    custom = getattr(head, "per_token_cross_entropy", None)
-    if custom is not None:
-        return custom(hidden, labels)
-    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Unique parameters (a tensor shared by two modules counts once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total

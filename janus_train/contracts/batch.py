@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 TASKS: tuple[str, ...] = ("und", "text", "gen")
@@ -129,84 +130,148 @@ def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, rows: int, seq_len: int) -
     return ids.view(rows, seq_len)
 
 
-def cu_seqlens_from_lengths(row_doc_lengths: list[list[int]], seq_len: int) -> torch.Tensor:
-    """Build cu_seqlens from per-row document lengths; each row's remainder becomes a pad doc."""
-    bounds = [0]
-    for r, lengths in enumerate(row_doc_lengths):
-        start = r * seq_len
-        pos = start
-        for n in lengths:
-            if n <= 0:
-                raise ValueError(f"document length must be positive, got {n} in row {r}")
-            pos += n
-            bounds.append(pos)
-        if pos - start > seq_len:
-            raise ValueError(f"row {r} holds {pos - start} tokens > seq_len {seq_len}")
-        if pos < start + seq_len:
-            bounds.append(start + seq_len)
-    return torch.tensor(bounds, dtype=torch.int32)
+@dataclass(eq=False)
+class Doc:
+    """One tokenised sample.
+
+    ids[i] is the input at position i (a text id, or a VQ code for i >= gen_start);
+    target[i] says whether ids[i] is a loss target (predicted from position i-1), so
+    target[0] is always False. und docs carry their images as `pixels` [n, 3, H, W]: uint8
+    from the loader (normalised on the device), or float already normalised.
+    """
+
+    key: str
+    task: int
+    ids: np.ndarray  # int32 [L]
+    target: np.ndarray  # bool [L]
+    gen_start: int  # first code position; == L when the doc has no codes
+    pixels: np.ndarray | None = None
+    source: int = 0  # index of the source within its task
+    pos: tuple[int, int] = (0, 0)  # where the stream found it (slice number, offset)
+    seq: int = 0  # arrival number in its source's buffer
+    arrived: int = 0  # packing step at which it entered the buffer
+    n: int = field(init=False, repr=False)  # length, cached: the packer asks for it a lot
+
+    def __post_init__(self) -> None:
+        self.n = int(self.ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# ---- rows -> PackedBatch --------------------------------------------------------------------
 
 
 @dataclass
-class Document:
-    """One tokenised sample before packing (all lists have the same length)."""
+class Row:
+    """One packed row. The loader's rows hold one task (`task`); a row built by hand may mix
+    tasks (task=None): every per-token field comes from each document's own task."""
 
-    input_ids: list[int]
-    labels: list[int]  # already shifted: labels[i] is predicted from position i
-    loss_task: list[int]
-    gen_mask: list[bool]
-    und_mask: list[bool]
-    images: list[torch.Tensor] = field(default_factory=list)  # und pixels, in slot order
-    key: str = ""
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+    task: int | None
+    docs: list[Doc] = field(default_factory=list)
 
 
-def batch_from_rows(rows: list[list[Document]], seq_len: int, pad_id: int) -> PackedBatch:
-    """Lay documents end to end per row, pad, and build the PackedBatch fields."""
-    r = len(rows)
-    input_ids = torch.full((r, seq_len), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((r, seq_len), dtype=torch.long)
-    labels = torch.full((r, seq_len), IGNORE_INDEX, dtype=torch.long)
-    loss_task = torch.full((r, seq_len), NO_TASK, dtype=torch.long)
-    gen_mask = torch.zeros((r, seq_len), dtype=torch.bool)
-    und_mask = torch.zeros((r, seq_len), dtype=torch.bool)
-    images: list[torch.Tensor] = []
+_CONSTANTS: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _constants(seq_len: int, pad_id: int, total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read-only pad run, no-target run and position ramp, built once per shape."""
+    key = (seq_len, pad_id, total)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        c = (np.full(seq_len, pad_id, dtype=np.int32), np.zeros(seq_len, dtype=bool), np.arange(total, dtype=np.int64))
+        for a in c:
+            a.flags.writeable = False
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = c
+    return c
+
+
+def collate(
+    rows: list[Row],
+    seq_len: int,
+    pad_id: int,
+    image_token_id: int,
+    source_names: dict[int, list[str]] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> PackedBatch:
+    """Lay the rows' documents end to end and build every PackedBatch field."""
+    n_rows = len(rows)
+    total = n_rows * seq_len
+    id_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    doc_tasks: list[int] = []
+    images: list[Any] = []
     keys: list[list[str]] = []
-    lengths: list[list[int]] = []
-    for i, docs in enumerate(rows):
-        pos = 0
-        lengths.append([])
-        keys.append([])
-        for d in docs:
-            n = len(d)
-            if pos + n > seq_len:
-                raise ValueError(f"row {i}: documents need {pos + n} tokens > seq_len {seq_len}")
-            sl = slice(pos, pos + n)
-            input_ids[i, sl] = torch.tensor(d.input_ids)
-            position_ids[i, sl] = torch.arange(n)
-            labels[i, sl] = torch.tensor(d.labels)
-            loss_task[i, sl] = torch.tensor(d.loss_task)
-            gen_mask[i, sl] = torch.tensor(d.gen_mask, dtype=torch.bool)
-            und_mask[i, sl] = torch.tensor(d.und_mask, dtype=torch.bool)
-            images.extend(d.images)
-            lengths[-1].append(n)
-            keys[-1].append(d.key)
-            pos += n
-        if pos < seq_len:
-            position_ids[i, pos:] = torch.arange(seq_len - pos)
-    cu = cu_seqlens_from_lengths(lengths, seq_len)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    sources: list[list[str]] = []
+    pad_ids, no_target, arange = _constants(seq_len, pad_id, total)
+    used_total = 0
+    for r, row in enumerate(rows):
+        used = 0
+        for d in row.docs:
+            id_parts.append(d.ids)
+            target_parts.append(d.target)
+            lengths.append(d.n)
+            doc_tasks.append(d.task)
+            used += d.n
+            if d.pixels is not None:
+                images.append(d.pixels)
+        if used > seq_len:
+            raise ValueError(f"row {r} holds {used} tokens > seq_len {seq_len}")
+        if used < seq_len:  # the padding tail is a document of its own
+            id_parts.append(pad_ids[: seq_len - used])
+            target_parts.append(no_target[: seq_len - used])
+            lengths.append(seq_len - used)
+            doc_tasks.append(NO_TASK)
+        used_total += used
+        keys.append([d.key for d in row.docs])
+        names = source_names.get(row.task) if source_names and row.task is not None else None
+        sources.append([names[d.source] if names else str(d.source) for d in row.docs])
+    ids = np.concatenate(id_parts, dtype=np.int64)
+    target = np.concatenate(target_parts)
+    len_arr = np.asarray(lengths, dtype=np.int64)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(len_arr, out=cu[1:])
+    positions = arange - np.repeat(cu[:-1], len_arr)
+    labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
+    # BOS and padding are never targets, so a shifted label never crosses a document.
+    np.copyto(labels[:-1], ids[1:], where=target[1:])
+    shape = (n_rows, seq_len)
+    # The task of every token: its document's (padding: NO_TASK).
+    token_task = np.repeat(np.asarray(doc_tasks, dtype=np.int64), len_arr)
+    loss_task = np.where(labels != IGNORE_INDEX, token_task, NO_TASK).reshape(shape)
+    # In gen documents the targets are exactly the code positions (code k is predicted from
+    # k-1, code 0 from <begin_of_image>); other documents hold no codes.
+    gen = (target & (token_task == TASK_ID["gen"])).reshape(shape)
+    if TASK_ID["und"] in doc_tasks:
+        und = ((ids == image_token_id) & (token_task == TASK_ID["und"])).reshape(shape)
+    else:  # no und document: skip a full-batch compare
+        und = np.zeros(shape, dtype=bool)
+    pix = None
+    if images:
+        # uint8, gathered from the decode buffers; the vision tower normalises on the device.
+        pix = torch.from_numpy(np.concatenate([p.numpy() if isinstance(p, torch.Tensor) else p for p in images]))
+    out_meta = {
+        "keys": keys,
+        "sources": sources,
+        "row_tasks": [TASKS[row.task] if row.task is not None else "mixed" for row in rows],
+        "doc_lengths": [[d.n for d in row.docs] for row in rows],
+        "num_docs": sum(len(row.docs) for row in rows),
+        "pad_tokens": int(total - used_total),
+    }
+    if meta:
+        out_meta.update(meta)
     return PackedBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        cu_seqlens=cu,
-        max_seqlen=max_len,
-        labels=labels,
-        loss_task=loss_task,
-        gen_input_mask=gen_mask,
-        und_image_mask=und_mask,
-        und_pixel_values=torch.stack(images) if images else None,
-        meta={"keys": keys},
+        input_ids=torch.from_numpy(ids).view(shape),
+        position_ids=torch.from_numpy(positions).view(shape),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+        max_seqlen=int(len_arr.max()),
+        labels=torch.from_numpy(labels).view(shape),
+        loss_task=torch.from_numpy(loss_task),
+        gen_input_mask=torch.from_numpy(gen),
+        und_image_mask=torch.from_numpy(und),
+        und_pixel_values=pix,
+        meta=out_meta,
     )

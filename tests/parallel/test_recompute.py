@@ -1,4 +1,4 @@
-"""Acceptance 4 of the scale issue: activation checkpointing changes memory, not gradients."""
+"""Acceptance 4 of the scale issue: activation recomputation (checkpointing) changes memory, not gradients."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from bench.batches import mixed_batch
+from janus_train.contracts.synthetic import mixed_batch
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janus.model import JanusModel
 
-# (mode, every) -> the per-layer checkpoint_mode it must set on a 4-layer LLM.
+# (mode, every) -> the per-layer recompute_mode it must set on a 4-layer LLM.
 MODES = {
     ("none", 2): ["none"] * 4,
     ("full", 2): ["full"] * 4,
@@ -37,12 +37,12 @@ def _grads(model: JanusModel, batch) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode,every", list(MODES))
-def test_checkpointing_gives_identical_gradients(setup, mode, every):
+def test_recompute_gives_identical_gradients(setup, mode, every):
     model, batch = setup
     ref = _grads(copy.deepcopy(model), batch)
     m = copy.deepcopy(model)
-    m.apply_activation_checkpointing(mode, every)
-    assert [layer.checkpoint_mode for layer in m.llm.layers] == MODES[(mode, every)]
+    m.apply_recompute(mode, every)
+    assert [layer.recompute_mode for layer in m.llm.layers] == MODES[(mode, every)]
     got = _grads(m, batch)
     assert got.keys() == ref.keys()
     # Recomputation replays the same kernels on the same inputs: bit-identical on CPU.
@@ -50,8 +50,8 @@ def test_checkpointing_gives_identical_gradients(setup, mode, every):
         assert torch.equal(got[name], g), name
 
 
-def test_checkpointing_from_config_and_bad_mode():
-    cfg = JanusConfig.from_preset("tiny", {"activation_checkpointing": "selective", "checkpoint_every": 1})
-    assert {layer.checkpoint_mode for layer in JanusModel(cfg).llm.layers} == {"attn"}
-    with pytest.raises(ValueError, match="activation_checkpointing='some'"):
-        JanusModel(JanusConfig.from_preset("tiny")).apply_activation_checkpointing("some")
+def test_recompute_from_config_and_bad_mode():
+    cfg = JanusConfig.from_preset("tiny", {"recompute": "selective", "recompute_every": 1})
+    assert {layer.recompute_mode for layer in JanusModel(cfg).llm.layers} == {"attn"}
+    with pytest.raises(ValueError, match="recompute='some'"):
+        JanusModel(JanusConfig.from_preset("tiny")).apply_recompute("some")

@@ -5,19 +5,22 @@ The documents have the shape of real ones, with random ids:
   text  plain tokens; loss on every next token
   gen   BOS, caption, then num_image_tokens VQ codes; loss on the codes (predicted from the
         position before each code)
-Used by the TP / attention / checkpointing tests, the train-step benchmark and the memory-plan
-cross-check, so all of them exercise the same mixed und/text/gen rows.
+The model-dependent sizes come from a model config (`num_image_tokens`, `llm.vocab_size`,
+`vq.codebook_size`, `vision.image_size`, `image_token_id`). Used by the parallelism tests, the
+train-step benchmark and the memory-plan cross-check, so all of them exercise the same mixed
+und/text/gen rows, built by the loader's own `collate`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
-from janus_train.data.batch import IGNORE_INDEX, NO_TASK, TASK_ID, Document, PackedBatch, batch_from_rows
-from janus_train.models.janus.config import JanusConfig
+from janus_train.contracts.batch import TASK_ID, Doc, PackedBatch, Row, collate
 
 PAD_ID = 0
 BOS_ID = 1
@@ -25,58 +28,43 @@ BOS_ID = 1
 FIRST_TEXT_ID = 4
 
 
-def image_token_id(cfg: JanusConfig) -> int:
+def image_token_id(cfg: Any) -> int:
     return cfg.image_token_id if cfg.image_token_id is not None else cfg.llm.vocab_size - 1
 
 
-def _ids(rng: random.Random, n: int, cfg: JanusConfig) -> list[int]:
+def _ids(rng: random.Random, n: int, cfg: Any) -> list[int]:
     hi = min(cfg.llm.vocab_size, image_token_id(cfg)) - 1
     return [rng.randint(FIRST_TEXT_ID, hi) for _ in range(n)]
 
 
-def text_doc(rng: random.Random, cfg: JanusConfig, n: int, key: str = "text") -> Document:
-    ids = [BOS_ID] + _ids(rng, n - 1, cfg)
-    return Document(
-        input_ids=ids,
-        labels=ids[1:] + [IGNORE_INDEX],
-        loss_task=[TASK_ID["text"]] * (n - 1) + [NO_TASK],
-        gen_mask=[False] * n,
-        und_mask=[False] * n,
-        key=key,
-    )
+def _doc(key: str, task: str, ids: list[int], first_target: int, gen_start: int | None = None, pixels=None) -> Doc:
+    """ids[first_target:] are loss targets (each predicted from the position before it)."""
+    arr = np.asarray(ids, dtype=np.int32)
+    target = np.zeros(len(ids), dtype=bool)
+    target[first_target:] = True
+    return Doc(key=key, task=TASK_ID[task], ids=arr, target=target, gen_start=len(ids) if gen_start is None else gen_start, pixels=pixels)
 
 
-def und_doc(rng: random.Random, cfg: JanusConfig, prompt_len: int, answer_len: int, key: str = "und") -> Document:
+def text_doc(rng: random.Random, cfg: Any, n: int, key: str = "text") -> Doc:
+    return _doc(key, "text", [BOS_ID] + _ids(rng, n - 1, cfg), first_target=1)
+
+
+def und_doc(rng: random.Random, cfg: Any, prompt_len: int, answer_len: int, key: str = "und") -> Doc:
     n_img = cfg.num_image_tokens
     img = image_token_id(cfg)
     q = max(prompt_len - 1, 2)
     prompt = [BOS_ID] + _ids(rng, q // 2, cfg) + [img] * n_img + _ids(rng, q - q // 2, cfg)
     answer = _ids(rng, answer_len, cfg)
-    ids = prompt + answer
-    n = len(ids)
-    labels = [IGNORE_INDEX] * n
-    task = [NO_TASK] * n
-    for i in range(len(prompt) - 1, n - 1):
-        labels[i] = ids[i + 1]
-        task[i] = TASK_ID["und"]
     g = torch.Generator().manual_seed(rng.randint(0, 2**31))
     size = cfg.vision.image_size
-    image = torch.rand(3, size, size, generator=g) * 2 - 1
-    return Document(ids, labels, task, [False] * n, [t == img for t in ids], [image], key)
+    image = torch.rand(1, 3, size, size, generator=g) * 2 - 1  # already normalised
+    return _doc(key, "und", prompt + answer, first_target=len(prompt), pixels=image)
 
 
-def gen_doc(rng: random.Random, cfg: JanusConfig, caption_len: int, key: str = "gen") -> Document:
-    n_codes = cfg.num_image_tokens
+def gen_doc(rng: random.Random, cfg: Any, caption_len: int, key: str = "gen") -> Doc:
     prompt = [BOS_ID] + _ids(rng, caption_len, cfg)
-    codes = [rng.randrange(cfg.vq.codebook_size) for _ in range(n_codes)]
-    ids = prompt + codes
-    n = len(ids)
-    labels = [IGNORE_INDEX] * n
-    task = [NO_TASK] * n
-    for k, c in enumerate(codes):
-        labels[len(prompt) - 1 + k] = c
-        task[len(prompt) - 1 + k] = TASK_ID["gen"]
-    return Document(ids, labels, task, [False] * len(prompt) + [True] * n_codes, [False] * n, [], key)
+    codes = [rng.randrange(cfg.vq.codebook_size) for _ in range(cfg.num_image_tokens)]
+    return _doc(key, "gen", prompt + codes, first_target=len(prompt), gen_start=len(prompt))
 
 
 @dataclass
@@ -102,12 +90,12 @@ class DocMix:
         return cls(und_prompt=r(40, 70), und_answer=r(10, 1500), text_len=r(10, 1500), gen_caption=r(10, 150))
 
 
-def make_documents(cfg: JanusConfig, num_docs: int, seed: int = 0, mix: DocMix | None = None, max_len: int | None = None) -> list[Document]:
+def make_documents(cfg: Any, num_docs: int, seed: int = 0, mix: DocMix | None = None, max_len: int | None = None) -> list[Doc]:
     """`num_docs` documents cycling und/text/gen in `mix.ratio`, lengths capped at max_len."""
     mix = mix or DocMix()
     rng = random.Random(seed)
     pattern = ["und"] * mix.ratio[0] + ["text"] * mix.ratio[1] + ["gen"] * mix.ratio[2]
-    docs: list[Document] = []
+    docs: list[Doc] = []
     for i in range(num_docs):
         kind = pattern[i % len(pattern)]
         if kind == "und":
@@ -123,9 +111,10 @@ def make_documents(cfg: JanusConfig, num_docs: int, seed: int = 0, mix: DocMix |
     return docs
 
 
-def pack_first_fit(docs: list[Document], seq_len: int) -> list[list[Document]]:
-    """Pack documents into rows of `seq_len` (first-fit decreasing); order inside rows is stable."""
-    rows: list[list[Document]] = []
+def pack_first_fit(docs: list[Doc], seq_len: int) -> list[list[Doc]]:
+    """Pack documents into rows of `seq_len` (first-fit decreasing, tasks may share a row);
+    order inside rows is stable."""
+    rows: list[list[Doc]] = []
     free: list[int] = []
     for d in sorted(docs, key=len, reverse=True):
         for i, room in enumerate(free):
@@ -139,21 +128,19 @@ def pack_first_fit(docs: list[Document], seq_len: int) -> list[list[Document]]:
     return rows
 
 
-def mixed_batch(cfg: JanusConfig, seq_len: int, num_docs: int, seed: int = 0, mix: DocMix | None = None) -> tuple[PackedBatch, list[Document]]:
+def mixed_batch(cfg: Any, seq_len: int, num_docs: int, seed: int = 0, mix: DocMix | None = None) -> tuple[PackedBatch, list[Doc]]:
     """A packed batch of `num_docs` mixed documents (and the documents, for unpacked baselines)."""
     docs = make_documents(cfg, num_docs, seed, mix, max_len=seq_len)
-    batch = batch_from_rows(pack_first_fit(docs, seq_len), seq_len, pad_id=PAD_ID)
-    batch.validate(cfg.num_image_tokens)
-    return batch, docs
+    return rows_batch(cfg, pack_first_fit(docs, seq_len), seq_len), docs
 
 
-def rows_batch(cfg: JanusConfig, rows: list[list[Document]], seq_len: int) -> PackedBatch:
-    batch = batch_from_rows(rows, seq_len, pad_id=PAD_ID)
+def rows_batch(cfg: Any, rows: list[list[Doc]], seq_len: int) -> PackedBatch:
+    batch = collate([Row(None, docs) for docs in rows], seq_len, PAD_ID, image_token_id(cfg))
     batch.validate(cfg.num_image_tokens)
     return batch
 
 
-def batch_with_rows(cfg: JanusConfig, rows: int, seq_len: int, seed: int = 0, mix: DocMix | None = None) -> PackedBatch:
+def batch_with_rows(cfg: Any, rows: int, seq_len: int, seed: int = 0, mix: DocMix | None = None) -> PackedBatch:
     """Exactly `rows` packed rows: documents are added until packing fills that many rows."""
     n = rows
     while True:
@@ -164,16 +151,16 @@ def batch_with_rows(cfg: JanusConfig, rows: int, seq_len: int, seed: int = 0, mi
         n = int(n * 1.5) + 1
 
 
-def fill_rows(cfg: JanusConfig, rows: int, seq_len: int, seed: int = 0, mix: DocMix | None = None, max_misses: int = 16) -> tuple[PackedBatch, list[Document]]:
+def fill_rows(cfg: Any, rows: int, seq_len: int, seed: int = 0, mix: DocMix | None = None, max_misses: int = 16) -> tuple[PackedBatch, list[Doc]]:
     """`rows` full rows of i.i.d. documents (und/text/gen in `mix.ratio`), first fit in stream
     order: each document goes into the first row with room; after `max_misses` documents in a
     row that fit nowhere, the rows are closed. Rows end up nearly full, like the training
     loader's (~2% pad at seq_len 4096, docs/performance.md), and the documents are an unsorted
     sample of the length distribution: the unpacked baseline batches them in this order.
     Returns the batch and the documents it holds, in stream order."""
-    packed: list[list[Document]] = [[] for _ in range(rows)]
+    packed: list[list[Doc]] = [[] for _ in range(rows)]
     room = [seq_len] * rows
-    used: list[Document] = []
+    used: list[Doc] = []
     misses = 0
     for d in _document_stream(cfg, seed, mix or DocMix(), seq_len):
         i = next((i for i in range(rows) if len(d) <= room[i]), None)
@@ -189,7 +176,7 @@ def fill_rows(cfg: JanusConfig, rows: int, seq_len: int, seed: int = 0, mix: Doc
     return rows_batch(cfg, packed, seq_len), used
 
 
-def _document_stream(cfg: JanusConfig, seed: int, mix: DocMix, seq_len: int):
+def _document_stream(cfg: Any, seed: int, mix: DocMix, seq_len: int):
     i = 0
     while True:
         yield from make_documents(cfg, 10 * sum(mix.ratio), seed=seed * 100_003 + i, mix=mix, max_len=seq_len)

@@ -1,4 +1,4 @@
-"""Reading and writing Janus checkpoint directories in the three layouts.
+"""Checkpoint directories of whole models: reading, writing and loading them, in three layouts.
 
   native    config.json {"format": "janus_train", "janus_config": {...}} + model*.safetensors
   hf        transformers JanusForConditionalGeneration: config.json + model*.safetensors
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from janus_train.models.janus import state_dict_adapter as adapter
+from janus_train.models.janus import config_formats, keys
 from janus_train.models.janus.config import JanusConfig
 
 NATIVE_MARKER = "janus_train"
+FORMATS = ("native", *keys.FORMATS)
 # Files that belong to the tokenizer/processor, carried along by conversions.
 AUX_FILES = (
     "tokenizer.json",
@@ -82,10 +83,10 @@ def _config_from_dict(d: dict, path: str | Path, fmt: str) -> JanusConfig:
     if fmt == "hf":
         if d.get("model_type") != "janus":
             raise CheckpointError(f"{path}: config.json model_type={d.get('model_type')!r}, expected 'janus' for --format hf")
-        return adapter.config_from_hf(d, name=Path(path).name)
+        return config_formats.config_from_hf(d, name=Path(path).name)
     if fmt == "deepseek":
-        return adapter.config_from_deepseek(d, name=Path(path).name)
-    raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {adapter.FORMATS}")
+        return config_formats.config_from_deepseek(d, name=Path(path).name)
+    raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
 
 
 def _read_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
@@ -123,7 +124,7 @@ def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[JanusConf
     cfg = read_config(path, fmt)
     external = _read_tensors(path, fmt)
     try:
-        native = adapter.to_native(external, cfg, fmt)
+        native = keys.to_native(external, cfg, fmt)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {e.args[0] if e.args else e}") from None
     return cfg, native
@@ -174,9 +175,9 @@ def write_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically (temp dir + rename). Returns the path."""
     path = Path(path)
-    if fmt not in adapter.FORMATS:
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {adapter.FORMATS}")
-    external = adapter.from_native(native_sd, cfg, fmt)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
+    external = keys.from_native(native_sd, cfg, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -186,10 +187,10 @@ def write_checkpoint(
         elif fmt == "hf":
             from transformers import JanusConfig as HFJanusConfig
 
-            HFJanusConfig(**adapter.config_to_hf(cfg)).save_pretrained(str(tmp))
+            HFJanusConfig(**config_formats.config_to_hf(cfg)).save_pretrained(str(tmp))
             _save_safetensors(external, tmp, {"format": "pt"})
         else:  # deepseek: only for building test fixtures in the original layout
-            (tmp / "config.json").write_text(json.dumps(adapter.config_to_deepseek(cfg), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config_formats.config_to_deepseek(cfg), indent=2) + "\n")
             torch.save({k: v.contiguous() for k, v in external.items()}, tmp / "pytorch_model.bin")
         if aux_from is not None:
             copy_aux_files(aux_from, tmp)

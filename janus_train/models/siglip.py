@@ -7,11 +7,27 @@ is the full token grid (576 tokens at 384 px / patch 16), which the aligner maps
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from janus_train.models.janus.config import VisionConfig
+
+@dataclass
+class VisionConfig:
+    """SigLIP ViT used for understanding (attention-pool head dropped) + its aligner MLP."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+    aligner_depth: int = 2
+
 
 
 class VisionAttention(nn.Module):
@@ -73,7 +89,7 @@ def normalize_uint8_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.floa
     key = (pixels.device, dtype)
     table = _PIXEL_TABLES.get(key)
     if table is None:
-        from janus_train.data.preprocess import normalize_siglip
+        from janus_train.contracts.preprocess import normalize_siglip
 
         table = normalize_siglip(torch.arange(256, dtype=torch.uint8)).to(device=pixels.device, dtype=dtype)
         _PIXEL_TABLES[key] = table

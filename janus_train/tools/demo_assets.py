@@ -46,7 +46,7 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
             shutil.rmtree(root / sub, ignore_errors=True)  # leftovers of an interrupted build
         root.mkdir(parents=True, exist_ok=True)
         print(f"building the synthetic shapes dataset at {root}", flush=True)
-        from janus_train.models.janus.loading import read_config
+        from janus_train.checkpoint.io import read_config
 
         image_size = int(read_config(init).vision.image_size * 3 // 2)  # larger than the model sees: resizing is exercised
         build_shapes_dataset(root, init, num_samples, image_size, seed)
@@ -63,7 +63,7 @@ def ensure_demo_assets(cfg: DictConfig, dist_info: DistInfo) -> None:
     init = Path(cfg.model.init_from)
     if dist_info.is_main and not ((init / "config.json").is_file() and (root / ".complete").is_file()):
         cmd = [
-            sys.executable, "-m", "janus_train.training.assets",
+            sys.executable, "-m", "janus_train.tools.demo_assets",
             "--root", str(root), "--init", str(init), "--preset", str(cfg.model.preset),
             "--num-samples", str(int(cfg.demo_assets.num_samples)), "--seed", str(int(cfg.seed)),
         ]

@@ -1,13 +1,16 @@
 """Stream a data config through the loaders of all ranks and print one JSON line per step.
 
-    python -m janus_train.data.inspect --data-config FILE.yaml --seq-len L --global-batch B
-        --dp-size D --steps N [--stage S] [--ckpt DIR] [--num-workers K] [--micro-batch-rows M]
+    python -m data_pipelines.inspect --data-config FILE.yaml --seq-len L --global-batch B
+        --dp-size D --steps N [--ratio R | --recipe NAME --stage S] [--ckpt DIR]
+        [--num-workers K] [--micro-batch-rows M]
 
 Each line: {"step", "rows": {"und", "text", "gen"}, "gen_sources": {name: documents},
 "samples", "tokens", "pad_fraction", "skipped"}, summed over the D ranks of the step:
 rows = packed rows per task, samples = documents packed, tokens = non-pad tokens,
 pad_fraction = pad tokens / (rows * seq_len), skipped = samples skipped so far, per
-"task/source" and reason. The model geometry (image tokens, codes per image) comes from the
+"task/source" and reason. The und:text:gen ratio and the global batch come from --ratio /
+--global-batch, or from a training recipe's stage (--recipe janus_pro_1b --stage 2), or from
+the data config itself. The model geometry (image tokens, codes per image) comes from the
 checkpoint --ckpt, which defaults to the config's `tokenizer` directory.
 """
 
@@ -18,8 +21,9 @@ import json
 import sys
 from typing import Any
 
-from janus_train.data.batch import TASKS
-from janus_train.data.config import STAGES, DataConfig, ImageConfig
+from janus_train.contracts.batch import TASKS
+from janus_train.contracts.errors import ConfigError
+from janus_train.data.config import DataConfig, ImageConfig
 from janus_train.data.loader import build_train_loader
 from janus_train.data.tokenize import TokenizerInfo
 
@@ -67,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--global-batch", type=int, default=None)
     p.add_argument("--dp-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--stage", type=int, default=None, choices=sorted(STAGES), help="Janus-Pro stage: sets the ratio (and global batch if not given)")
+    p.add_argument("--ratio", default=None, help="und:text:gen rows per step, e.g. 2:3:5 (default: the data config's)")
+    p.add_argument("--recipe", default=None, help="take ratio and global batch from this training recipe's --stage")
+    p.add_argument("--stage", type=int, default=None, choices=(1, 2, 3), help="the --recipe stage (default 1)")
     p.add_argument("--micro-batch-rows", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="checkpoint for tokenizer and image geometry (default: the config's tokenizer)")
     p.add_argument("--num-workers", type=int, default=0, help="decode processes per rank (default 0: in process)")
@@ -78,10 +84,18 @@ def main(argv: list[str] | None = None) -> None:
         overrides["seq_len"] = args.seq_len
     if args.micro_batch_rows is not None:
         overrides["micro_batch_rows"] = args.micro_batch_rows
-    if args.stage is not None:
-        overrides["stage"] = args.stage
-        overrides["ratio"] = STAGES[args.stage]["ratio"]
-        overrides["global_batch"] = args.global_batch or STAGES[args.stage]["global_batch"]
+    if args.recipe is not None:
+        from janus_train.training.config import load_config
+
+        try:
+            stage = load_config([f"+recipe={args.recipe}"]).train.stages[f"stage{args.stage or 1}"]
+        except ConfigError as e:
+            p.error(str(e))
+        overrides["ratio"], overrides["global_batch"] = stage.ratio, stage.global_batch
+    elif args.stage is not None:
+        p.error("--stage needs --recipe (the stage's ratio and batch are the recipe's)")
+    if args.ratio is not None:
+        overrides["ratio"] = args.ratio
     if args.global_batch is not None:
         overrides["global_batch"] = args.global_batch
     overrides["dp_size"], overrides["dp_rank"] = args.dp_size, 0
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = args.ckpt or cfg.tokenizer
     if not ckpt:
         p.error("no --ckpt given and the data config sets no `tokenizer`")
-    from janus_train.models.janus.loading import read_config
+    from janus_train.checkpoint.io import read_config
 
     image = ImageConfig.from_model(read_config(ckpt))
     tok = TokenizerInfo.from_hf(ckpt)

@@ -1,0 +1,177 @@
+"""The LLaMA-style decoder every Janus model is built on (DeepSeek-LLM): RMSNorm, RoPE,
+SwiGLU MLP, no biases. Embeddings in, final-normed hidden states out; the heads belong to the
+model family. Attention over packed rows goes through `models/attention.py`; a KV cache
+serves incremental decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from janus_train.models.attention import PackedDocs, cached_attention, packed_attention
+
+# Activation recomputation of the LLM blocks (models/janus/model.py: apply_recompute).
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+@dataclass
+class LLMConfig:
+    """LLaMA-style decoder (DeepSeek-LLM): RMSNorm, RoPE, SwiGLU, no biases."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 16384
+    # Janus-Pro ships a separate lm_head; kept as an option for checkpoints that tie it.
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as the released model), then cast back before the scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [R, 1, S, head_dim] for positions [R, S] (computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers for incremental decoding."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, n = self.length, k.shape[2]
+        if start + n > self.max_len:
+            raise ValueError(f"KV cache overflow: {start + n} > max_len {self.max_len}")
+        self.k[layer][:, :, start : start + n] = k
+        self.v[layer][:, :, start : start + n] = v
+        return self.k[layer][:, :, : start + n], self.v[layer][:, :, : start + n]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, docs: PackedDocs | None, backend: str, cache: KVCache | None = None, layer: int = 0):
+        r, s, _ = x.shape
+        # Head counts come from the projection widths so tensor-parallel shards (which hold a
+        # slice of the heads) run this same code.
+        q = self.q_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(r, s, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+            out = cached_attention(q, k, v, backend)
+        else:
+            out = packed_attention(q, k, v, docs, backend)
+        return self.o_proj(out.transpose(1, 2).reshape(r, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        # Set by JanusModel.apply_recompute: "none" | "full" | "attn".
+        self.recompute_mode = "none"
+
+    def _attn_part(self, x, cos, sin, docs, backend, cache, layer):
+        return self.attn(self.attn_norm(x), cos, sin, docs, backend, cache, layer)
+
+    def forward(self, x, cos, sin, docs, backend, cache=None, layer=0):
+        if self.recompute_mode == "full" and self.training and cache is None:
+            return checkpoint(self._forward, x, cos, sin, docs, backend, use_reentrant=False)
+        return self._forward(x, cos, sin, docs, backend, cache, layer)
+
+    def _forward(self, x, cos, sin, docs, backend, cache=None, layer=0):
+        if self.recompute_mode == "attn" and self.training and cache is None:
+            h = checkpoint(self._attn_part, x, cos, sin, docs, backend, None, layer, use_reentrant=False)
+        else:
+            h = self._attn_part(x, cos, sin, docs, backend, cache, layer)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LanguageModel(nn.Module):
+    """Decoder stack without heads: embeddings in, final-normed hidden states out."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        docs: PackedDocs | None,
+        backend: str,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, docs, backend, cache, i)
+        if cache is not None:
+            cache.length += inputs_embeds.shape[1]
+        return self.norm(x)
