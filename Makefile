@@ -27,7 +27,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m janus_train.tools.demo
+	$(PY) -m janus_train.tools.demo $(DEMO_ARGS)
 
 # Checks the Dockerfile without a Docker daemon: BuildKit's parser, plus consistency with
 # setup.py's extras and this Makefile's torch pin (tests/cluster/test_docker.py).

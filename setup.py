@@ -23,13 +23,16 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "pyyaml>=6",
     "orjson>=3.9",  # per-sample json in the data loader (formats.parse_json)
+    "scipy>=1.10",  # blob labelling of the shapes scorer (eval/shapes.py)
 ]
 
 EXTRAS_REQUIRE = {
     # flash-attn compiles against CUDA; it cannot be built on a CPU-only machine.
     "gpu": ["flash-attn>=2.6"],
     # dockerfile: BuildKit's Dockerfile parser, for `make docker-check` without a daemon.
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "dockerfile>=3.3,<4"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "dockerfile>=3.3,<4", "matplotlib>=3.7"],
+    # plots of evaluation curves (python -m janus_train.tools.plot_eval)
+    "plot": ["matplotlib>=3.7"],
 }
 
 setup(

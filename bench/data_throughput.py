@@ -48,7 +48,7 @@ from janus_train.data import formats as fmt  # noqa: E402
 from janus_train.data.config import DataConfig, ImageConfig  # noqa: E402
 from janus_train.data.loader import build_train_loader  # noqa: E402
 from janus_train.data.shards import write_dataset  # noqa: E402
-from janus_train.data.tokenize import TokenizerInfo  # noqa: E402
+from janus_train.contracts.tokens import TokenizerInfo  # noqa: E402
 
 JANUS_PRO = ImageConfig(image_size=384, num_image_tokens=576, gen_image_size=384, num_gen_tokens=576, codebook_size=16384)
 SHARD = 500

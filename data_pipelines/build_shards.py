@@ -86,7 +86,13 @@ def make_sample(task: str, row: dict[str, Any], base: Path, source: str | None, 
     """The tar members (part -> bytes) of one manifest row; raises formats.SampleError."""
     if task == "und":
         turns = fmt.get_conversation(row)
+        # A question's `type` (color, count, ...) is kept for per-type evaluation.
+        for turn, raw in zip(turns, row.get("conversations", row.get("messages")) or []):
+            if isinstance(raw, dict) and isinstance(raw.get("type"), str):
+                turn["type"] = raw["type"]
         meta: dict[str, Any] = {"conversations": turns}
+        if isinstance(row.get("question_type"), str):
+            meta["question_type"] = row["question_type"]
         if row.get("system"):
             meta["system"] = row["system"]
         if source:

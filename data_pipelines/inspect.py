@@ -25,7 +25,7 @@ from janus_train.contracts.batch import TASKS
 from janus_train.contracts.errors import ConfigError
 from janus_train.data.config import DataConfig, ImageConfig
 from janus_train.data.loader import build_train_loader
-from janus_train.data.tokenize import TokenizerInfo
+from janus_train.contracts.tokens import TokenizerInfo
 
 
 def step_summary(step: int, per_rank: list[list[Any]], seq_len: int, skipped: dict[str, dict[str, int]]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from janus_train.contracts import conversation as conv
 from janus_train.data import formats as fmt
 from janus_train.contracts.preprocess import gen_pixels, open_rgb
 from janus_train.data.shards import ShardReader, dataset_shards, prepare_energon, read_janus_meta, write_janus_meta
-from janus_train.data.tokenize import TokenizerInfo
+from janus_train.contracts.tokens import TokenizerInfo
 
 MAX_EXAMPLES = 200
 

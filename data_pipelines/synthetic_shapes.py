@@ -2,18 +2,24 @@
 captions, question-answer conversations and plain text.
 
     python -m data_pipelines.synthetic_shapes --out DIR --n N [--image-size PX] [--seed S] [--workers K]
+        [--max-shapes N] [--min-size F] [--max-size F] [--shapes circle,square,...] [--noise N] [--max-questions N]
+        [--square] [--backgrounds white,black,...]
 
 writes, for N samples per task (deterministic in --seed, whatever --workers):
 
     DIR/images/und/*.jpg, DIR/images/gen/*.jpg
-    DIR/und.jsonl            {"key", "image", "conversations": [...]}   (1-3 QA turns)
+    DIR/und.jsonl            {"key", "image", "conversations": [...]}   (1 to --max-questions QA turns)
     DIR/text.jsonl           {"key", "text"}                            (short to ~1k tokens)
     DIR/gen_real.jsonl       {"key", "image", "caption", "source": "real"}       plain captions
     DIR/gen_synthetic.jsonl  {"key", "image", "caption", "source": "synthetic"}  long "aesthetic" prompts
     DIR/data.yaml            a data config over the shard dirs build_shards would make
 
-Image paths are relative to DIR. Images vary in aspect ratio (long side --image-size) so the
-und padding and gen cropping are exercised. Feed the manifests to data_pipelines.build_shards.
+Image paths are relative to DIR. Images vary in aspect ratio (long side --image-size), so the
+und padding and gen cropping are exercised, unless --square; a gen image's shapes lie in its
+central square, which the gen crop keeps, so its caption describes what the model sees. Shapes never overlap,
+and their centres keep clear of the position words' boundaries. The world itself (colours,
+shapes, drawing, captions) is `janus_train/eval/shapes.py`, which the `shapes` scorer shares.
+Feed the manifests to data_pipelines.build_shards.
 """
 
 from __future__ import annotations
@@ -22,117 +28,81 @@ import argparse
 import json
 import math
 import os
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 170),
-    "orange": (240, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-    "pink": (240, 130, 180),
-    "cyan": (40, 200, 210),
-    "gray": (128, 128, 128),
-    "brown": (130, 80, 40),
-}
-SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ellipse", "diamond", "hexagon", "cross", "ring"]
+from janus_train.eval import shapes
+
 STYLES = ["minimalist", "flat colors", "high detail", "soft light", "clean lines", "vivid", "studio render", "poster art"]
-NUMBERS = ["zero", "one", "two", "three", "four", "five"]
 TASK_SALT = {"und": 1, "text": 2, "gen_real": 3, "gen_synthetic": 4}
+
+
+ALL_COLORS = tuple(shapes.COLORS)  # (inside World, `shapes` is a field)
+
+
+@dataclass(frozen=True)
+class World:
+    """How hard the world is: shapes per image and their size (a fraction of the short side),
+    the kinds drawn, the pixel noise, and how many questions a conversation asks at most."""
+
+    max_shapes: int = 3
+    min_size: float = 0.08
+    max_size: float = 0.2
+    shapes: tuple[str, ...] = shapes.SHAPES
+    noise: int = 6  # uniform per-pixel noise amplitude (0: flat colours)
+    max_questions: int = 3  # 1..len(QUESTION_TYPES)
+    square: bool = False  # every image square (else mixed aspect ratios, which und pads)
+    backgrounds: tuple[str, ...] = ALL_COLORS  # background colours drawn
 
 
 def _rng(seed: int, task: str, i: int) -> np.random.Generator:
     return np.random.default_rng([seed, TASK_SALT[task], i])
 
 
-def make_scene(rng: np.random.Generator) -> dict:
-    colors = list(COLORS)
-    bg = colors[rng.integers(len(colors))]
-    shapes = []
-    for _ in range(int(rng.integers(1, 4))):
+def _coordinate(rng: np.random.Generator, margin: float) -> float:
+    """A centre coordinate in [margin, 1 - margin], kept clear of the position-word boundaries
+    (0.4, 0.6), so the words a caption uses are never a matter of a pixel."""
+    lo, hi = margin, 1.0 - margin
+    while True:
+        v = float(rng.uniform(lo, hi))
+        if abs(v - shapes.LOW) > 0.03 and abs(v - shapes.HIGH) > 0.03:
+            return v
+
+
+def make_scene(rng: np.random.Generator, world: World = World(), aspect: float | None = None) -> dict:
+    colors = list(shapes.COLORS)
+    bg = world.backgrounds[rng.integers(len(world.backgrounds))]
+    placed: list[dict] = []
+    for _ in range(int(rng.integers(1, world.max_shapes + 1))):
         c = bg
         while c == bg:
             c = colors[rng.integers(len(colors))]
-        shapes.append(
-            {
-                "shape": SHAPES[rng.integers(len(SHAPES))],
-                "color": c,
-                "x": float(rng.uniform(0.2, 0.8)),
-                "y": float(rng.uniform(0.2, 0.8)),
-                "r": float(rng.uniform(0.08, 0.2)),
-            }
-        )
-    aspect = float(rng.choice([1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 1.5]))
-    return {"background": bg, "shapes": shapes, "aspect": aspect}
+        r = float(rng.uniform(world.min_size, world.max_size))
+        kind = world.shapes[rng.integers(len(world.shapes))]
+        reach = r * shapes.CIRCUMRADIUS[kind]
+        # Shapes neither overlap nor touch (a few tries, then the scene keeps fewer shapes).
+        for _try in range(20):
+            x, y = _coordinate(rng, min(0.45, r + 0.02)), _coordinate(rng, min(0.45, r + 0.02))
+            if all(math.hypot(x - o["x"], y - o["y"]) > 1.1 * (reach + o["r"] * shapes.CIRCUMRADIUS[o["shape"]]) for o in placed):
+                placed.append({"shape": kind, "color": c, "x": x, "y": y, "r": r})
+                break
+    if aspect is None:
+        aspect = 1.0 if world.square else float(rng.choice([1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 1.5]))
+    return {"background": bg, "shapes": placed, "aspect": aspect}
 
 
-def _place(s: dict) -> str:
-    h = "left" if s["x"] < 0.4 else "right" if s["x"] > 0.6 else ""
-    v = "top" if s["y"] < 0.4 else "bottom" if s["y"] > 0.6 else ""
-    if h and v:
-        return f"{v} {h}"
-    return h or v or "center"
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    elif shape == "diamond":
-        pts = [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
-    elif shape == "hexagon":
-        pts = [(cx + r * math.cos(k * math.pi / 3), cy + r * math.sin(k * math.pi / 3)) for k in range(6)]
-    else:  # star
-        pts = []
-        for k in range(10):
-            rr = r if k % 2 == 0 else r * 0.45
-            a = -math.pi / 2 + k * math.pi / 5
-            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
-    return pts
-
-
-def render(scene: dict, long_side: int, rng: np.random.Generator) -> Image.Image:
+def render(scene: dict, long_side: int, rng: np.random.Generator, centre_square: bool = False, noise: int = 6) -> Image.Image:
     a = scene["aspect"]
     w, h = (long_side, max(8, round(long_side / a))) if a >= 1 else (max(8, round(long_side * a)), long_side)
-    img = Image.new("RGB", (w, h), COLORS[scene["background"]])
-    d = ImageDraw.Draw(img)
-    side = min(w, h)
-    for s in scene["shapes"]:
-        cx, cy, r = s["x"] * w, s["y"] * h, s["r"] * side
-        col = COLORS[s["color"]]
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if s["shape"] == "circle":
-            d.ellipse(box, fill=col)
-        elif s["shape"] == "ring":
-            d.ellipse(box, outline=col, width=max(1, int(r * 0.3)))
-        elif s["shape"] == "ellipse":
-            d.ellipse([cx - r, cy - r * 0.6, cx + r, cy + r * 0.6], fill=col)
-        elif s["shape"] == "square":
-            d.rectangle(box, fill=col)
-        elif s["shape"] == "rectangle":
-            d.rectangle([cx - r, cy - r * 0.5, cx + r, cy + r * 0.5], fill=col)
-        elif s["shape"] == "cross":
-            t = r * 0.3
-            d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=col)
-            d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=col)
-        else:
-            d.polygon(_polygon(s["shape"], cx, cy, r), fill=col)
-    # light sensor-like noise so JPEGs look like photos, not flat art
-    arr = np.asarray(img).astype(np.int16) + rng.integers(-6, 7, size=(h, w, 1), dtype=np.int16)
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    return shapes.render(scene, w, h, noise=noise, rng=rng, centre_square=centre_square)
 
 
-def caption(scene: dict) -> str:
-    parts = [f"a {s['color']} {s['shape']} at the {_place(s)}" for s in scene["shapes"]]
-    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{body[0].upper()}{body[1:]} on a {scene['background']} background."
+caption = shapes.caption
 
 
 def aesthetic_prompt(scene: dict, rng: np.random.Generator) -> str:
@@ -141,21 +111,28 @@ def aesthetic_prompt(scene: dict, rng: np.random.Generator) -> str:
     return f"A simple scene of {shapes}, placed on a plain {scene['background']} background, {styles}."
 
 
-def conversation(scene: dict, rng: np.random.Generator) -> list[dict[str, str]]:
+QUESTION_TYPES = ("color", "shape", "count", "background", "position", "describe")
+
+
+def conversation(scene: dict, rng: np.random.Generator, max_questions: int = 3) -> list[dict[str, str]]:
+    """1 to max_questions question-answer turns of distinct types (QUESTION_TYPES) about the
+    scene, answered the way VQA datasets answer (a word or a phrase; the description is a sentence); each user turn carries its question `type`
+    (color, shape, count, background, position, describe) for per-type evaluation."""
     qa = []
     s = scene["shapes"][rng.integers(len(scene["shapes"]))]
     n = len(scene["shapes"])
     pool = [
-        (f"What color is the {s['shape']}?", f"The {s['shape']} is {s['color']}."),
-        ("How many shapes are there?", f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''}."),
-        ("What color is the background?", f"The background is {scene['background']}."),
-        (f"Where is the {s['color']} {s['shape']}?", f"It is at the {_place(s)} of the image."),
-        ("Describe the image.", caption(scene)),
+        ("color", f"What color is the {s['shape']}?", s["color"]),
+        ("shape", f"What shape is the {s['color']} object?", s["shape"]),
+        ("count", "How many shapes are there?", shapes.NUMBERS[n]),
+        ("background", "What color is the background?", scene["background"]),
+        ("position", f"Where is the {s['color']} {s['shape']}?", shapes.place(s["x"], s["y"])),
+        ("describe", "Describe the image.", caption(scene)),
     ]
-    order = rng.permutation(len(pool))[: int(rng.integers(1, 4))]
+    order = rng.permutation(len(pool))[: int(rng.integers(1, max_questions + 1))]
     for j, k in enumerate(order):
-        q, a = pool[int(k)]
-        qa.append({"role": "user", "content": ("<image>\n" + q) if j == 0 else q})
+        kind, q, a = pool[int(k)]
+        qa.append({"role": "user", "content": ("<image>\n" + q) if j == 0 else q, "type": kind})
         qa.append({"role": "assistant", "content": a})
     return qa
 
@@ -171,26 +148,28 @@ def text_sample(rng: np.random.Generator) -> str:
         if form == 0:
             out.append(caption(sc))
         elif form == 1:
-            out.append(f"The {s['shape']} is {s['color']} and sits at the {_place(s)}.")
+            out.append(f"The {s['shape']} is {s['color']} and sits at the {shapes.place(s['x'], s['y'])}.")
         elif form == 2:
-            out.append(f"There are {NUMBERS[len(sc['shapes'])]} shapes on the {sc['background']} background.")
+            out.append(f"There are {shapes.NUMBERS[len(sc['shapes'])]} shapes on the {sc['background']} background.")
         else:
             out.append(f"A {s['shape']} can be {s['color']}, but this one is drawn on {sc['background']}.")
     return " ".join(out)
 
 
-def _make(args: tuple[str, int, int, int, str]) -> dict:
-    task, i, seed, size, out = args
+def _make(args: tuple[str, int, int, int, str, World]) -> dict:
+    task, i, seed, size, out, world = args
     rng = _rng(seed, task, i)
     key = f"{task.replace('_', '-')}-{i:08d}"
     if task == "text":
         return {"key": key, "text": text_sample(rng)}
-    scene = make_scene(rng)
+    scene = make_scene(rng, world)
     sub = "und" if task == "und" else "gen"
     rel = f"images/{sub}/{key}.jpg"
-    render(scene, size, rng).save(os.path.join(out, rel), quality=90)
+    # A gen image is centre-cropped to a square for the model, so its scene lives in that
+    # square (the caption describes what the model sees); und images are padded, not cropped.
+    render(scene, size, rng, centre_square=sub == "gen", noise=world.noise).save(os.path.join(out, rel), quality=90)
     if task == "und":
-        return {"key": key, "image": rel, "conversations": conversation(scene, rng)}
+        return {"key": key, "image": rel, "conversations": conversation(scene, rng, world.max_questions)}
     if task == "gen_real":
         return {"key": key, "image": rel, "caption": caption(scene), "source": "real"}
     return {"key": key, "image": rel, "caption": aesthetic_prompt(scene, rng), "source": "synthetic"}
@@ -215,7 +194,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=384, help="long side of the images in px (default 384)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--max-shapes", type=int, default=3, help="shapes per image: 1..N (default 3)")
+    p.add_argument("--min-size", type=float, default=0.08, help="smallest shape size, a fraction of the short side (default 0.08)")
+    p.add_argument("--max-size", type=float, default=0.2, help="largest shape size (default 0.2)")
+    p.add_argument("--shapes", default=",".join(shapes.SHAPES), help="comma-separated kinds to draw (default: all)")
+    p.add_argument("--square", action="store_true", help="square images only (default: mixed aspect ratios)")
+    p.add_argument("--backgrounds", default=",".join(shapes.COLORS), help="comma-separated background colours (default: all)")
+    p.add_argument("--noise", type=int, default=6, help="per-pixel noise amplitude, 0 for flat colours (default 6)")
+    p.add_argument("--max-questions", type=int, default=3,
+                   help=f"questions per und conversation: 1..N, distinct types (default 3, at most {len(QUESTION_TYPES)})")
     args = p.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.shapes.split(",") if k.strip())
+    bad = [k for k in kinds if k not in shapes.SHAPES]
+    if bad or not kinds:
+        p.error(f"--shapes: unknown kind(s) {bad or [args.shapes]}; kinds are {list(shapes.SHAPES)}")
+    if not 1 <= args.max_shapes <= len(shapes.NUMBERS) - 1:
+        p.error(f"--max-shapes must be in 1..{len(shapes.NUMBERS) - 1}, got {args.max_shapes}")
+    if not 0 < args.min_size <= args.max_size <= 0.45:
+        p.error(f"need 0 < --min-size <= --max-size <= 0.45, got {args.min_size}, {args.max_size}")
+    backgrounds = tuple(c.strip() for c in args.backgrounds.split(",") if c.strip())
+    bad = [c for c in backgrounds if c not in shapes.COLORS]
+    if bad or not backgrounds:
+        p.error(f"--backgrounds: unknown colour(s) {bad or [args.backgrounds]}; colours are {list(shapes.COLORS)}")
+    if not 1 <= args.max_questions <= len(QUESTION_TYPES):
+        p.error(f"--max-questions must be in 1..{len(QUESTION_TYPES)}, got {args.max_questions}")
+    if not 0 <= args.noise <= 64:
+        p.error(f"--noise must be in 0..64, got {args.noise}")
+    world = World(args.max_shapes, args.min_size, args.max_size, kinds, args.noise, args.max_questions, args.square, backgrounds)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     if args.image_size < 8:
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "images" / "gen").mkdir(parents=True, exist_ok=True)
     n_real = (args.n + 1) // 2
     counts = {"und": args.n, "text": args.n, "gen_real": n_real, "gen_synthetic": args.n - n_real}
-    jobs = [(t, i, args.seed, args.image_size, str(out)) for t, n in counts.items() for i in range(n)]
+    jobs = [(t, i, args.seed, args.image_size, str(out), world) for t, n in counts.items() for i in range(n)]
     files = {t: open(out / f"{t}.jsonl.tmp", "w") for t in counts}
     ctx = get_context("fork")
     with ctx.Pool(max(1, args.workers)) as pool:

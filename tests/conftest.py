@@ -13,8 +13,13 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from janus_train.contracts.batch import TASK_ID, Doc
+from janus_train.contracts.conversation import gen_prompt
+from janus_train.inference.understand import prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
@@ -73,9 +78,12 @@ def free_port() -> int:
 
 
 def base_overrides(root: Path, run_dir: Path, steps=(2, 2, 2)) -> list[str]:
-    """The tiny recipe on the session's shapes data, quiet (no bar, W&B, samples), in process."""
+    """The demo recipe with the tiny model on the session's shapes data, quiet (no bar, W&B,
+    samples, evaluation), in process."""
     return [
         "+recipe=tiny_demo",
+        "model=tiny",
+        "eval.data=null",
         f"data.root={root}",
         f"model.init_from={root / 'tiny_init'}",
         f"run_dir={run_dir}",
@@ -172,3 +180,48 @@ class ReferenceRuns:
 @pytest.fixture(scope="session")
 def reference_runs(shapes_root, tmp_path_factory) -> ReferenceRuns:
     return ReferenceRuns(shapes_root, tmp_path_factory.mktemp("reference_runs"))
+
+
+@pytest.fixture(scope="session")
+def eval_data(shapes_root, tmp_path_factory) -> Path:
+    """Held-out shapes data (und, text, gen pre-tokenised with the tiny init) and its eval.yaml."""
+    from janus_train.tools.demo_assets import EVAL_YAML, build_shapes_dataset
+
+    root = tmp_path_factory.mktemp("eval_data")
+    build_shapes_dataset(root, shapes_root / "tiny_init", num_samples=8, image_size=96, seed=77, workers=1, held_out=24)
+    for sub in ("und", "text", "gen_real", "gen_synthetic"):  # only the held-out split is needed
+        import shutil
+
+        shutil.rmtree(root / sub, ignore_errors=True)
+    (root / "eval.yaml").write_text(EVAL_YAML.format(root=root))
+    return root
+
+
+# ---- document builders for model and step tests (the data pipeline has its own, fuller tokeniser) ----
+
+
+def _doc(key: str, task: str, ids: list[int], first_target: int, gen_start: int | None = None, pixels=None) -> Doc:
+    target = np.zeros(len(ids), dtype=bool)
+    target[first_target:] = True
+    return Doc(key=key, task=TASK_ID[task], ids=np.asarray(ids, dtype=np.int32), target=target,
+               gen_start=len(ids) if gen_start is None else gen_start, pixels=pixels)
+
+
+def _text_doc(ids: list[int], key: str = "text") -> Doc:
+    return _doc(key, "text", ids, first_target=1)
+
+
+def _und_doc(tok, question: str, answer: str, image: torch.Tensor, num_image_tokens: int, key: str = "und") -> Doc:
+    prompt = prompt_ids(tok, num_image_tokens, question, system=None)
+    ans = tok(" " + answer + tok.eos_token, add_special_tokens=False).input_ids
+    return _doc(key, "und", prompt + ans, first_target=len(prompt), pixels=image[None])
+
+
+def _gen_doc(tok, caption: str, codes: list[int], key: str = "gen") -> Doc:
+    prompt = tok(gen_prompt(caption)).input_ids
+    return _doc(key, "gen", prompt + codes, first_target=len(prompt), gen_start=len(prompt))
+
+
+@pytest.fixture
+def docs():
+    return types.SimpleNamespace(text=_text_doc, und=_und_doc, gen=_gen_doc)

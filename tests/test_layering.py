@@ -1,6 +1,6 @@
 """The library's dependencies point one way, read from the code's own imports:
 
-    tools / CLIs -> training -> (checkpoint, logging, parallel, inference) -> (models, data) -> contracts
+    tools / CLIs -> training -> eval -> (checkpoint, logging, parallel, inference) -> (models, data) -> contracts
 
 Every `import` and `from ... import` in a module counts, at module level or inside a function.
 """
@@ -24,7 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "inference": {"models", "contracts"},
     "checkpoint": {"parallel", "models", "contracts"},
     "logging": {"inference", "models", "contracts"},
-    "training": {"checkpoint", "logging", "parallel", "inference", "models", "data", "contracts"},
+    "eval": {"checkpoint", "parallel", "inference", "models", "data", "contracts"},
+    "training": {"eval", "checkpoint", "logging", "parallel", "inference", "models", "data", "contracts"},
 }
 # The top: command-line tools may use anything in the library.
 TOP = {"tools", "cli"}

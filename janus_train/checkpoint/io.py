@@ -260,3 +260,46 @@ def load_tokenizer(path: str | Path):
     if not (Path(path) / "tokenizer.json").is_file() and not (Path(path) / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     return AutoTokenizer.from_pretrained(str(path))
+
+
+# ---- tokenizer checkpoints (tools/train_tokenizer.py) ---------------------------------------------
+
+TOKENIZER_MARKER = "janus_train_tokenizer"
+
+
+def write_tokenizer_checkpoint(path: str | Path, kind: str, config: dict, image_size: int, state_dict: dict[str, torch.Tensor],
+                               extra_files: dict[str, bytes] | None = None, info: dict | None = None) -> Path:
+    """A trained image tokenizer: config.json {"format", "kind", "image_size", "config", "info"} +
+    model.safetensors (the tokenizer module's own keys), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        meta = {"format": TOKENIZER_MARKER, "kind": kind, "image_size": image_size, "config": config, "info": info or {}}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        tmp.chmod(0o755)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_tokenizer_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json dict, state dict) of a tokenizer checkpoint; CheckpointError naming the file."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json, not a tokenizer checkpoint")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != TOKENIZER_MARKER:
+        raise CheckpointError(f"{cfg_path}: not a tokenizer checkpoint (written by python -m janus_train.tools.train_tokenizer)")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no model.safetensors")
+    return meta, load_file(str(weights))

@@ -102,17 +102,6 @@ def render_conversation(
     return segments
 
 
-def und_prompt(question: str, num_image_tokens: int, system: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
-    """Prompt text for answering `question` about one image (the image comes first)."""
-    segs = render_conversation(
-        [{"role": "user", "content": IMAGE_SLOT + "\n" + question}],
-        num_image_tokens,
-        system=system,
-        add_generation_prompt=True,
-    )
-    return "".join(s.text for s in segs)
-
-
 def gen_prompt(caption: str) -> str:
     """Prompt text for text-to-image generation; the VQ codes follow its last token (BOI)."""
     return USER_ROLE + ": " + caption.strip() + SEP + ASSISTANT_ROLE + ":" + BOI_TOKEN

@@ -40,7 +40,8 @@ from janus_train.contracts.batch import Row, collate
 from janus_train.data.packing import TaskPacker
 from janus_train.data.shards import dataset_shards, read_janus_meta
 from janus_train.data.sources import DecodePool, SkipStats, SourcePlan, SourceStream
-from janus_train.data.tokenize import DocBuilder, TokenizerInfo
+from janus_train.contracts.tokens import TokenizerInfo
+from janus_train.data.tokenize import DocBuilder
 
 log = logging.getLogger("janus_train.data")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -31,63 +30,11 @@ from janus_train.contracts import conversation as conv
 from janus_train.data import formats as fmt
 from janus_train.contracts.batch import TASK_ID
 from janus_train.contracts.batch import Doc
+from janus_train.contracts.tokens import TokenizerInfo, conversation_ids
 from janus_train.contracts.preprocess import open_rgb, pad_into_chw, und_resize
 
 
 _GEN = TASK_ID["gen"]
-
-
-def tokenizer_fingerprint(backend: Any) -> str:
-    """A short hash of a `tokenizers.Tokenizer` (vocab, merges, special tokens)."""
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
-
-
-@dataclass
-class TokenizerInfo:
-    """What the data path needs from a tokenizer; picklable (goes to worker processes)."""
-
-    backend: Any  # tokenizers.Tokenizer
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    image_id: int
-    boi_id: int
-    eoi_id: int
-    fingerprint: str
-
-    @classmethod
-    def from_hf(cls, tokenizer: Any) -> "TokenizerInfo":
-        """From a transformers fast tokenizer (or a path to load one from)."""
-        if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; the data path needs one")
-        # Our own copy without truncation/padding: length rules are applied per document here.
-        from tokenizers import Tokenizer
-
-        backend = Tokenizer.from_str(backend.to_str())
-        backend.no_truncation()
-        backend.no_padding()
-        ids = {}
-        for name, tok in (
-            ("bos", conv.BOS_TOKEN),
-            ("eos", conv.EOS_TOKEN),
-            ("pad", conv.PAD_TOKEN),
-            ("image", conv.IMAGE_TOKEN),
-            ("boi", conv.BOI_TOKEN),
-            ("eoi", conv.EOI_TOKEN),
-        ):
-            i = backend.token_to_id(tok)
-            if i is None:
-                raise ValueError(f"tokenizer has no {tok!r} token ({name}); is it a Janus tokenizer?")
-            ids[f"{name}_id"] = int(i)
-        return cls(backend=backend, fingerprint=tokenizer_fingerprint(backend), **ids)
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
 
 
 def cfg_dropped(seed: int, key: str, p: float) -> bool:
@@ -130,18 +77,10 @@ class DocBuilder:
 
     # ---- conversations (und, chat text) ---------------------------------------------------
     def _conversation(self, segments: list[conv.Segment]) -> tuple[list[int], list[bool]]:
-        ids = [self.tok.bos_id]
-        target = [False]
-        image_slot = [self.tok.boi_id] + [self.tok.image_id] * self.num_image_tokens + [self.tok.eoi_id]
-        for seg in segments:
-            if seg.image:
-                part = image_slot
-            else:
-                # Template pieces ("<|User|>: ", "\n\n", the system prompt) repeat: cache them.
-                part = self._ids(seg.text, cache=not seg.loss and len(seg.text) < 512)
-            ids.extend(part)
-            target.extend([seg.loss] * len(part))
-        return ids, target
+        # Template pieces ("<|User|>: ", "\n\n", the system prompt) repeat: cache them.
+        return conversation_ids(
+            self.tok, segments, self.num_image_tokens, encode=lambda seg: self._ids(seg.text, cache=not seg.loss and len(seg.text) < 512)
+        )
 
     def _finish_text_like(self, key: str, task: str, ids: list[int], target: list[bool], protect: int = 0) -> Doc:
         """Apply the length rule; `protect` = tokens that must stay whole (the image slot)."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from janus_train.contracts.conversation import BOI_TOKEN, gen_prompt
+from janus_train.contracts.conversation import gen_prompt
+from janus_train.contracts.tokens import TokenizerInfo
 
 
 @dataclass
@@ -33,9 +34,10 @@ class SampleConfig:
 
 
 def prompt_ids(tokenizer, caption: str) -> list[int]:
-    ids = tokenizer(gen_prompt(caption)).input_ids
-    boi = tokenizer.convert_tokens_to_ids(BOI_TOKEN)
-    if ids[-1] != boi:
+    """BOS + the gen prompt, tokenised as training tokenises gen documents (data/tokenize.py)."""
+    tok = TokenizerInfo.of(tokenizer)
+    ids = [tok.bos_id] + tok.encode(gen_prompt(caption))
+    if ids[-1] != tok.boi_id:
         raise ValueError("the generation prompt must end with <begin_of_image>; check the tokenizer")
     return ids
 
@@ -74,9 +76,9 @@ def generate_codes(
     """long [num_images, num_image_tokens] VQ codes for `caption`."""
     sc = (sample or SampleConfig()).validate()
     device = model.llm.embed_tokens.weight.device
-    ids = prompt_ids(tokenizer, caption)
-    boi = tokenizer.convert_tokens_to_ids(BOI_TOKEN)
-    uncond = unconditional_ids(ids, tokenizer.bos_token_id, boi, tokenizer.pad_token_id)
+    tok = TokenizerInfo.of(tokenizer)
+    ids = prompt_ids(tok, caption)
+    uncond = unconditional_ids(ids, tok.bos_id, tok.boi_id, tok.pad_id)
     rows = torch.tensor([ids] * num_images + [uncond] * num_images, device=device)
     n_codes = model.config.num_image_tokens
     cache = model.new_cache(rows.shape[0], rows.shape[1] + n_codes)

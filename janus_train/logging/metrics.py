@@ -38,13 +38,23 @@ class StepRecord:
     skipped_steps: int
     bad_steps_in_row: int
     time: float
+    eval_time_s: float | None = None  # seconds spent evaluating after this step (not in step_time_s)
+    eval: dict[str, float] | None = None  # evaluation summary, written as eval/<name> keys
 
     def numbers(self) -> dict[str, float]:
-        """The numeric fields (for dashboards)."""
-        return {k: v for k, v in asdict(self).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        """The numeric fields (for dashboards), evaluation results as eval/<name>."""
+        out = {k: v for k, v in asdict(self).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out.update({f"eval/{k}": v for k, v in (self.eval or {}).items()})
+        return out
+
+    def row(self) -> dict[str, Any]:
+        """The metrics.jsonl line: every field, evaluation results flattened to eval/<name>."""
+        out = {k: clean(v) for k, v in asdict(self).items() if k != "eval"}
+        out.update({f"eval/{k}": clean(v) for k, v in (self.eval or {}).items()})
+        return out
 
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StepRecord))
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StepRecord) if f.name != "eval")
 
 
 def clean(value: Any) -> Any:
@@ -59,7 +69,6 @@ class MetricsFile(Callback):
         self.path = Path(run_dir) / "metrics.jsonl"
 
     def on_step_end(self, trainer, stage, record: StepRecord) -> None:
-        row = {k: clean(v) for k, v in asdict(record).items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(record.row()) + "\n")
             f.flush()

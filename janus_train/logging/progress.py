@@ -9,6 +9,7 @@ from janus_train.logging.callback import Callback
 class ProgressBar(Callback):
     def __init__(self) -> None:
         self.bar = None
+        self.last_eval: dict[str, str] = {}  # the latest evaluation, shown until the next one
 
     def on_stage_start(self, trainer, stage) -> None:
         from tqdm import tqdm
@@ -20,7 +21,10 @@ class ProgressBar(Callback):
             return
         self.bar.n = record.stage_step
         loss = record.loss
-        self.bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss, tok_s=f"{record.tokens_per_s:.0f}", refresh=False)
+        shown = {"loss": f"{loss:.4f}" if isinstance(loss, float) else loss, "tok_s": f"{record.tokens_per_s:.0f}"}
+        if record.eval:
+            self.last_eval = {k: f"{v:.3f}" for k, v in record.eval.items() if k in ("und_acc", "gen_acc", "loss_und", "loss_gen")}
+        self.bar.set_postfix({**shown, **self.last_eval}, refresh=False)
         self.bar.refresh()
 
     def on_stage_end(self, trainer, stage) -> None:

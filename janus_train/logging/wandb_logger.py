@@ -36,11 +36,16 @@ class WandbLogger(Callback):
         )
 
     def on_step_end(self, trainer, stage, record) -> None:
-        data = {f"train/{k}": v for k, v in record.numbers().items() if k != "step"}
+        data = {(k if k.startswith("eval/") else f"train/{k}"): v for k, v in record.numbers().items() if k != "step"}
         self.run.log(data, step=record.step)
 
     def log_images(self, step: int, images: dict[str, Any]) -> None:
         self.run.log({k: self.wandb.Image(v) for k, v in images.items()}, step=step)
+
+    def log_eval(self, step: int, values: dict[str, float], images: dict[str, Any]) -> None:
+        """An evaluation's numbers and pictures, at the step it evaluated (logged before that
+        step's training metrics, which W&B merges into the same step)."""
+        self.run.log({**values, **{k: self.wandb.Image(v) for k, v in images.items()}}, step=step, commit=False)
 
     def on_run_end(self, trainer, state: str) -> None:
         self.run.summary["final_state"] = state

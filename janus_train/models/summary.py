@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from janus_train.models.janus.config import PRESETS, JanusConfig
+from janus_train.models.janus.config import PRESETS, JanusConfig, parse_overrides
 
 
 def component_counts(cfg: JanusConfig) -> dict[str, int]:
@@ -33,16 +33,6 @@ def component_counts(cfg: JanusConfig) -> dict[str, int]:
         counts[name] = total
     counts["total"] = sum(counts.values())
     return counts
-
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        out[k] = json.loads(v) if v[:1] in "[{0123456789-tf" and v not in ("-",) else v
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

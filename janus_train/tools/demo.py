@@ -1,11 +1,14 @@
-"""`make demo`: the whole Janus-Pro recipe at tiny size on CPU, with no downloads.
+"""`make demo`: the whole recipe at mini size on CPU, with no downloads, evaluated as it trains.
 
-    python -m janus_train.tools.demo [--out demo_out] [--nproc 2] [extra Hydra overrides ...]
+    python -m janus_train.tools.demo [--out demo_out] [--nproc 2] [--fresh] [--recipe tiny_demo] [overrides ...]
 
-Runs `deepspeed --num_gpus N launch/train.py +recipe=tiny_demo` (2 CPU ranks, gloo, ZeRO-2):
-a tiny random Janus and the synthetic shapes dataset are built on the fly, then the three
-stages run shortened. Afterwards it prints where the metrics, samples and exports are, and
-whether every task's loss fell (mean of its last 20% of steps below its first 20%).
+Builds the demo's inputs first (janus_train/tools/demo_assets.py: the shapes world with a
+held-out split, a mini VQ tokenizer trained on its images, the init checkpoint), then runs
+`deepspeed --num_gpus N launch/train.py +recipe=tiny_demo` (2 CPU ranks, gloo, ZeRO-2): three
+shortened stages, each ending with an evaluation on held-out data. It ends with the evaluation
+table (validation losses, understanding and generation accuracy per stage), where the metrics,
+sample grids and exports are, and whether every task's loss fell. A second run finds the
+finished run and shows its results again; --fresh trains anew (the data is kept).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("und", "text", "gen")
+# Columns of the evaluation table: metrics.jsonl key -> header.
+EVAL_COLUMNS = {"eval/loss_und": "val loss und", "eval/loss_text": "val loss text", "eval/loss_gen": "val loss gen",
+                "eval/und_acc": "und acc", "eval/und_acc_color": "colour qs", "eval/und_acc_shape": "shape qs",
+                "eval/gen_acc": "gen acc"}
 
 
 def loss_trend(metrics: list[dict]) -> dict[str, tuple[float, float] | None]:
@@ -36,50 +43,38 @@ def loss_trend(metrics: list[dict]) -> dict[str, tuple[float, float] | None]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m janus_train.tools.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="directory for the data, the run and its outputs (default demo_out)")
-    p.add_argument("--nproc", type=int, default=2, help="CPU ranks for the deepspeed launcher (default 2)")
-    p.add_argument("--fresh", action="store_true", help="delete a previous run in --out first (the data is kept)")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for launch/train.py")
-    args = p.parse_args(argv)
-    out = Path(args.out).resolve()
-    run_dir = out / "run"
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    # Build the inputs here, before any rank exists (see tools/demo_assets.py).
-    from janus_train.tools.demo_assets import build_demo_assets
+def eval_table(metrics: list[dict]) -> str:
+    """One row per evaluation in metrics.jsonl (step, stage, then EVAL_COLUMNS)."""
+    rows = [m for m in metrics if any(k.startswith("eval/") for k in m)]
+    if not rows:
+        return "  (no evaluation in this run)"
+    cols = [c for c in EVAL_COLUMNS if any(c in r for r in rows)]
+    head = f"  {'step':>6} {'stage':>5} " + " ".join(f"{EVAL_COLUMNS[c]:>13}" for c in cols)
+    lines = [head]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:>13.3f}" if isinstance(v, (int, float)) else f"{'-':>13}")
+        lines.append(f"  {r['step']:>6} {r['stage']:>5} " + " ".join(cells))
+    return "\n".join(lines)
 
-    build_demo_assets(out / "data", out / "data" / "tiny_init", "tiny", 1500, 1234)
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [
-        str(deepspeed) if deepspeed.exists() else "deepspeed",
-        "--num_gpus", str(args.nproc),
-        str(REPO / "launch" / "train.py"),
-        "+recipe=tiny_demo",
-        f"run_dir={run_dir}",
-        f"data.root={out / 'data'}",
-        *args.overrides,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.time()
-    code = subprocess.call(cmd, env=env, cwd=REPO)
-    minutes = (time.time() - t0) / 60
-    status_file = run_dir / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {"state": "unknown"}
-    if code != 0 or status.get("state") != "completed":
-        print(f"demo failed (exit {code}, state {status.get('state')}); see the output above", file=sys.stderr)
-        return code or 1
+
+def report(run_dir: Path, minutes: float | None, nproc: int) -> int:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    trend = loss_trend(metrics)
-    print(f"\njanus-train demo finished in {minutes:.1f} min ({len(metrics)} steps, 3 stages, {args.nproc} CPU ranks)")
-    print(f"  metrics : {run_dir / 'metrics.jsonl'}")
+    steps = [m for m in metrics if "loss" in m]
+    took = f" in {minutes:.1f} min" if minutes is not None else ""
+    print(f"\njanus-train demo finished{took} ({len(steps)} steps, 3 stages, {nproc} CPU ranks)")
+    print("\nEvaluation on held-out data (und acc: exact answers; gen acc: requested shape and colour drawn, shapes scorer):")
+    print(eval_table(metrics))
+    last_grid = sorted((run_dir / "eval").glob("step_*/gen_grid.png"))
+    print(f"\n  metrics : {run_dir / 'metrics.jsonl'}")
+    print(f"  eval    : {run_dir / 'eval'} (report.json and gen_grid.png per evaluation{'; last: ' + str(last_grid[-1]) if last_grid else ''})")
     print(f"  samples : {run_dir / 'samples'}")
     print(f"  exports : {run_dir / 'exports'} (HF format, one per stage; try python -m janus_train.generate --ckpt {run_dir / 'exports' / 'stage3'} ...)")
     print(f"  wandb   : {run_dir / 'wandb'} (offline; `wandb sync` to upload)")
     falling = True
-    for task, t in trend.items():
+    for task, t in loss_trend(steps).items():
         if t is None:
             print(f"  loss {task:<4}: too few steps with this task")
             continue
@@ -87,6 +82,55 @@ def main(argv: list[str] | None = None) -> int:
         falling &= ok
         print(f"  loss {task:<4}: first 20% {t[0]:.3f} -> last 20% {t[1]:.3f}  {'falls' if ok else 'DOES NOT FALL'}")
     return 0 if falling else 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m janus_train.tools.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="directory for the data, the run and its outputs (default demo_out)")
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks for the deepspeed launcher (default 2)")
+    p.add_argument("--fresh", action="store_true", help="delete a previous run in --out first (the data is kept)")
+    p.add_argument("--recipe", default="tiny_demo", help="the recipe to run (default tiny_demo; tiny_learn trains longer)")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for launch/train.py")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    run_dir = out / "run"
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    status_file = run_dir / "status.json"
+    if status_file.is_file() and json.loads(status_file.read_text()).get("state") == "completed":
+        print(f"The demo already ran to completion in {run_dir}; its results follow. "
+              f"To train it afresh: python -m janus_train.tools.demo --fresh (or make demo DEMO_ARGS=--fresh).")
+        return report(run_dir, None, args.nproc)
+    # Build the inputs here, before any rank exists (see tools/demo_assets.py), with the
+    # recipe's own settings.
+    from janus_train.tools.demo_assets import WorldSpec, build_demo_assets
+    from janus_train.training.config import load_config
+
+    cfg = load_config([f"+recipe={args.recipe}", f"data.root={out / 'data'}", *args.overrides])
+    d = cfg.demo_assets
+    if d.build:  # false: the overrides point data, init and eval at the user's own
+        build_demo_assets(out / "data", Path(cfg.model.init_from), str(cfg.model.preset), int(d.num_samples), int(cfg.seed),
+                          int(d.held_out), float(d.tokenizer_minutes), WorldSpec.of(d))
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [
+        str(deepspeed) if deepspeed.exists() else "deepspeed",
+        "--num_gpus", str(args.nproc),
+        str(REPO / "launch" / "train.py"),
+        f"+recipe={args.recipe}",
+        f"run_dir={run_dir}",
+        f"data.root={out / 'data'}",
+        *args.overrides,
+    ]
+    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    code = subprocess.call(cmd, env=env, cwd=REPO)
+    minutes = (time.time() - t0) / 60
+    status = json.loads(status_file.read_text()) if status_file.is_file() else {"state": "unknown"}
+    if code != 0 or status.get("state") != "completed":
+        print(f"demo failed (exit {code}, state {status.get('state')}); see the output above", file=sys.stderr)
+        return code or 1
+    return report(run_dir, minutes, args.nproc)
 
 
 if __name__ == "__main__":

@@ -1,56 +1,167 @@
-"""The tiny demo's inputs, built on the fly when absent: a random tiny init checkpoint and the
-synthetic shapes dataset (und, text, gen real + synthetic with pre-extracted VQ codes).
+"""The demo's inputs, built on the fly when absent, with no downloads: the synthetic shapes world
+(training and held-out splits, shards of all three tasks), a tiny VQ tokenizer trained on its
+images, the tiny init checkpoint that uses it, and the gen shards pre-tokenised with it.
 
-Rank 0 builds; the others wait at a barrier. A `.complete` marker is written last, so an
-interrupted build is redone rather than trusted.
+    python -m janus_train.tools.demo_assets --root DIR --init DIR [--preset mini] [--num-samples N]
+        [--held-out N] [--tokenizer-minutes M] [--max-shapes 1] [--min-size F] [--max-size F]
+        [--shapes K,...] [--noise 0] [--max-questions 6] [--seed S]
+
+Layout under --root: und/, text/, gen_real/, gen_synthetic/ (training), heldout/{und,text,gen}/
+(evaluation), eval.yaml (the held-out sets, for `python -m janus_train.eval --data`), tokenizer/
+(the trained VQ and its report). A `.complete` marker is written last, so an interrupted build is
+redone rather than trusted. `make demo` builds them before any rank starts; a training run of
+the demo recipes with `demo_assets.build=true` has rank 0 build them (in a subprocess) while the
+others wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from janus_train.parallel.distributed import DistInfo, barrier
 
 
-def build_shapes_dataset(root: Path, ckpt: Path, num_samples: int, image_size: int, seed: int, workers: int = 2) -> None:
-    from data_pipelines import build_shards, pretokenize_vq, synthetic_shapes
+
+
+
+# The init's weight std: the usual 0.02 (make_tiny_checkpoint's 0.05 default suits parity tests,
+# but measured on the demo world, a mini model trained from it learned its und questions slower).
+INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The shapes world's difficulty (data_pipelines/synthetic_shapes.py)."""
+
+    max_shapes: int = 3
+    min_size: float = 0.08
+    max_size: float = 0.2
+    shapes: tuple[str, ...] | None = None  # None: every kind
+    noise: int = 6
+    max_questions: int = 3
+    square: bool = False
+    backgrounds: tuple[str, ...] | None = None  # None: every colour
+
+    @classmethod
+    def of(cls, demo_assets: Any) -> "WorldSpec":
+        """From the config's `demo_assets` section."""
+        d = demo_assets
+        return cls(int(d.max_shapes), float(d.min_size), float(d.max_size), tuple(d.shapes), int(d.noise), int(d.max_questions),
+                   bool(d.square), tuple(d.backgrounds))
+
+    def args(self) -> list[str]:
+        out = ["--max-shapes", str(self.max_shapes), "--min-size", str(self.min_size), "--max-size", str(self.max_size),
+               "--noise", str(self.noise), "--max-questions", str(self.max_questions)] + (["--square"] if self.square else [])
+        out += ["--backgrounds", ",".join(self.backgrounds)] if self.backgrounds else []
+        return out + (["--shapes", ",".join(self.shapes)] if self.shapes else [])
+
+
+# The demo world (the defaults of recipes/config.yaml's demo_assets): one large shape per image,
+# square images, centred, of nearly one size, so a 64 px image is nearly one layout per shape and
+# a model trained from scratch for minutes on CPU can learn to read and draw it (with sizes of
+# 0.3-0.42, positions that vary with them and mixed aspect ratios, measured learning was several
+# times slower); five kinds whose silhouettes stay distinct at 64 px after a tiny VQ (ellipse,
+# rectangle and diamond read as circle and square; a hexagon as a circle); flat colours (pixel
+# noise spreads one colour over many VQ codes, which slows generation); up to six questions per
+# image (more answers per image token); two background colours: a shape's outline is a
+# different set of VQ codes for every (shape colour, background colour) pair, and reading a
+# shape means telling shape pixels from background pixels, so with ten backgrounds (90 pairs)
+# neither generation nor und's shape questions were learned in 20 minutes (colour was).
+DEMO_WORLD = WorldSpec(1, 0.36, 0.4, ("circle", "square", "triangle", "star", "cross"), noise=0, max_questions=6, square=True,
+                       backgrounds=("white", "black"))
+
+
+def _synthetic(out: Path, n: int, image_size: int, seed: int, world: WorldSpec, workers: int) -> None:
+    from data_pipelines import synthetic_shapes
+
+    synthetic_shapes.main(["--out", str(out), "--n", str(n), "--image-size", str(image_size), "--seed", str(seed),
+                           "--workers", str(workers), *world.args()])
+
+
+def build_shapes_dataset(root: Path, ckpt: Path | None, num_samples: int, image_size: int, seed: int, workers: int = 2,
+                         world: WorldSpec = WorldSpec(), held_out: int = 0) -> None:
+    """Shards of the shapes world under root (and root/heldout with `held_out` samples per task);
+    gen shards are pre-tokenised with `ckpt`'s VQ (left as images under *_images when None)."""
+    from data_pipelines import build_shards
 
     raw = root / "raw"
-    synthetic_shapes.main(["--out", str(raw), "--n", str(num_samples), "--image-size", str(image_size), "--seed", str(seed), "--workers", str(workers)])
+    _synthetic(raw, num_samples, image_size, seed, world, workers)
     shard = max(64, num_samples // 8)
     build_shards.build("und", raw / "und.jsonl", root / "und", shard_size=shard, workers=workers)
     build_shards.build("text", raw / "text.jsonl", root / "text", shard_size=shard, workers=workers)
     for kind in ("real", "synthetic"):
-        images = root / f"gen_{kind}_images"
-        build_shards.build("gen", raw / f"gen_{kind}.jsonl", images, shard_size=shard, workers=workers, source=kind)
-        pretokenize_vq.pretokenize(ckpt, images, root / f"gen_{kind}")
+        build_shards.build("gen", raw / f"gen_{kind}.jsonl", root / f"gen_{kind}_images", shard_size=shard, workers=workers, source=kind)
+    if held_out:
+        # Another seed: scenes (and their captions) the model never trains on.
+        hraw = root / "heldout_raw"
+        _synthetic(hraw, held_out, image_size, seed + 100_003, world, workers)
+        for task in ("und", "text"):
+            build_shards.build(task, hraw / f"{task}.jsonl", root / "heldout" / task, shard_size=shard, workers=workers)
+        build_shards.build("gen", hraw / "gen_real.jsonl", root / "heldout" / "gen_images", shard_size=shard, workers=workers, source="real")
+        shutil.rmtree(hraw)
+    if ckpt is not None:
+        pretokenize_all(root, ckpt)
+    shutil.rmtree(raw, ignore_errors=True)
+
+
+def pretokenize_all(root: Path, ckpt: Path) -> None:
+    """Encode every *_images gen shard set under root (and root/heldout) with ckpt's VQ."""
+    from data_pipelines import pretokenize_vq
+
+    for images in sorted([*root.glob("*_images"), *(root / "heldout").glob("*_images")]):
+        pretokenize_vq.pretokenize(ckpt, images, images.with_name(images.name.removesuffix("_images")))
         shutil.rmtree(images)
-    shutil.rmtree(raw)
 
 
-def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, seed: int) -> None:
-    """Build whatever is missing (idempotent; a `.complete` marker is written last)."""
-    if not (init / "config.json").is_file():
-        from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
+EVAL_YAML = """\
+# The demo's held-out sets (never trained on), for
+#   python -m janus_train.eval --ckpt CKPT --data {root}/eval.yaml --scorer shapes
+und: [{{path: heldout/und}}]
+text: [{{path: heldout/text}}]
+gen: [{{path: heldout/gen}}]
+seq_len: 256
+"""
 
-        print(f"building the tiny init checkpoint at {init}", flush=True)
-        make_tiny_checkpoint(init, fmt="hf", seed=seed, preset=preset)
-    if not (root / ".complete").is_file():
-        for sub in ("raw", "und", "text", "gen_real", "gen_synthetic", "gen_real_images", "gen_synthetic_images"):
-            shutil.rmtree(root / sub, ignore_errors=True)  # leftovers of an interrupted build
-        root.mkdir(parents=True, exist_ok=True)
-        print(f"building the synthetic shapes dataset at {root}", flush=True)
-        from janus_train.checkpoint.io import read_config
 
-        image_size = int(read_config(init).vision.image_size * 3 // 2)  # larger than the model sees: resizing is exercised
-        build_shapes_dataset(root, init, num_samples, image_size, seed)
-        (root / ".complete").write_text("ok\n")
+def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, seed: int, held_out: int = 256,
+                      tokenizer_minutes: float = 4.0, world: WorldSpec = DEMO_WORLD, workers: int = 2) -> None:
+    """Build whatever is missing (idempotent; `.complete` is written last)."""
+    from janus_train.models.janus.config import JanusConfig
+
+    if (root / ".complete").is_file() and (init / "config.json").is_file():
+        return
+    for sub in ("raw", "heldout_raw", "heldout", "und", "text", "gen_real", "gen_synthetic", "gen_real_images",
+                "gen_synthetic_images", "tokenizer"):
+        shutil.rmtree(root / sub, ignore_errors=True)  # leftovers of an interrupted build
+    shutil.rmtree(init, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = JanusConfig.from_preset(preset)
+    image_size = int(cfg.gen_image_size * 3 // 2)  # larger than the model sees: resizing is exercised
+    print(f"building the synthetic shapes dataset at {root}", flush=True)
+    build_shapes_dataset(root, None, num_samples, image_size, seed, workers=workers, world=world, held_out=held_out)
+    print(f"training the {preset} VQ tokenizer for {tokenizer_minutes:g} min", flush=True)
+    from janus_train.tools import train_tokenizer
+
+    code = train_tokenizer.main(["--data", str(root / "gen_real_images"), "--out", str(root / "tokenizer"), "--preset", preset,
+                                 "--minutes", str(tokenizer_minutes), "--held-out", "128", "--scorer", "shapes", "--seed", str(seed)])
+    if code != 0:
+        raise RuntimeError(f"training the tokenizer failed (exit {code})")
+    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    print(f"building the tiny init checkpoint at {init}", flush=True)
+    make_tiny_checkpoint(init, fmt="hf", seed=seed, init_std=INIT_STD, preset=preset, vq=root / "tokenizer")
+    pretokenize_all(root, init)
+    (root / "eval.yaml").write_text(EVAL_YAML.format(root=root))
+    (root / ".complete").write_text(json.dumps({"preset": preset, "num_samples": num_samples, "held_out": held_out}) + "\n")
 
 
 def ensure_demo_assets(cfg: DictConfig, dist_info: DistInfo) -> None:
@@ -62,24 +173,42 @@ def ensure_demo_assets(cfg: DictConfig, dist_info: DistInfo) -> None:
     root = Path(cfg.data.root)
     init = Path(cfg.model.init_from)
     if dist_info.is_main and not ((init / "config.json").is_file() and (root / ".complete").is_file()):
+        d = cfg.demo_assets
         cmd = [
             sys.executable, "-m", "janus_train.tools.demo_assets",
             "--root", str(root), "--init", str(init), "--preset", str(cfg.model.preset),
-            "--num-samples", str(int(cfg.demo_assets.num_samples)), "--seed", str(int(cfg.seed)),
+            "--num-samples", str(int(d.num_samples)), "--held-out", str(int(d.held_out)),
+            "--tokenizer-minutes", str(float(d.tokenizer_minutes)), "--seed", str(int(cfg.seed)),
+            *WorldSpec.of(d).args(),
         ]
         subprocess.run(cmd, check=True)
     barrier()
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m janus_train.tools.demo_assets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="dataset directory (data.root)")
     p.add_argument("--init", required=True, help="tiny init checkpoint directory (model.init_from)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--num-samples", type=int, default=1500, help="samples per task")
+    p.add_argument("--preset", default="mini", help="model preset (default mini)")
+    p.add_argument("--num-samples", type=int, default=3000, help="training samples per task (default 3000)")
+    p.add_argument("--held-out", type=int, default=256, help="held-out samples per task (default 256)")
+    p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="VQ training budget (default 4)")
+    w = DEMO_WORLD
+    p.add_argument("--max-shapes", type=int, default=w.max_shapes, help="shapes per image, at most (default %(default)s)")
+    p.add_argument("--min-size", type=float, default=w.min_size, help="smallest shape, a fraction of the short side (default %(default)s)")
+    p.add_argument("--max-size", type=float, default=w.max_size, help="largest shape (default %(default)s)")
+    p.add_argument("--shapes", default=",".join(w.shapes or ()), help="comma-separated shape kinds (default: %(default)s)")
+    p.add_argument("--noise", type=int, default=w.noise, help="per-pixel noise amplitude, 0: flat colours (default %(default)s)")
+    p.add_argument("--max-questions", type=int, default=w.max_questions, help="questions per und conversation, at most (default %(default)s)")
+    p.add_argument("--square", action=argparse.BooleanOptionalAction, default=w.square, help="square images only (default %(default)s)")
+    p.add_argument("--backgrounds", default=",".join(w.backgrounds or ()), help="comma-separated background colours (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
-    build_demo_assets(Path(a.root), Path(a.init), a.preset, a.num_samples, a.seed)
+    build_demo_assets(Path(a.root), Path(a.init), a.preset, a.num_samples, a.seed, a.held_out, a.tokenizer_minutes,
+                      WorldSpec(a.max_shapes, a.min_size, a.max_size, tuple(a.shapes.split(",")), a.noise, a.max_questions, a.square,
+                                tuple(a.backgrounds.split(","))), a.workers)
 
 
 if __name__ == "__main__":

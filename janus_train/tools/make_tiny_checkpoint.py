@@ -1,15 +1,19 @@
 """Write a random tiny Janus checkpoint (weights + tokenizer + processor) with no model hub.
 
     python -m janus_train.tools.make_tiny_checkpoint DIR [--format hf|deepseek|native] [--seed S]
+        [--preset tiny] [--vq TOKENIZER_DIR]
 
 Tests and the demo start from this. The model is our `tiny` preset with the LLM vocabulary
-sized to the tiny tokenizer; weights are random but deterministic in --seed.
+sized to the tiny tokenizer; weights are random but deterministic in --seed. With --vq, the VQ
+tokenizer is a trained one (`python -m janus_train.tools.train_tokenizer`, for the same preset),
+so the model's generations decode to images rather than noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ def make_tiny_checkpoint(
     init_std: float = 0.05,
     preset: str = "tiny",
     overrides: dict | None = None,
+    vq: str | Path | None = None,
 ) -> Path:
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.tokenizer"
@@ -39,6 +44,8 @@ def make_tiny_checkpoint(
     torch.manual_seed(seed)
     model = JanusModel(cfg)
     model.init_weights(std=init_std, seed=seed)
+    if vq is not None:
+        load_trained_vq(model, vq)
     gen_cfg = {
         "_from_model_config": False,
         "bos_token_id": tok.bos_token_id,
@@ -57,17 +64,43 @@ def make_tiny_checkpoint(
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
+def load_trained_vq(model: JanusModel, path: str | Path) -> None:
+    """Put a trained tokenizer's weights into the model's VQ; its config must be the model's."""
+    from janus_train.checkpoint.io import CheckpointError, read_tokenizer_checkpoint
+
+    meta, sd = read_tokenizer_checkpoint(path)
+    if meta.get("kind") != "vq":
+        raise CheckpointError(f"{path}: a {meta.get('kind')!r} tokenizer, this model generates through a VQ")
+    ours = model.config.to_dict()["vq"]
+    theirs = meta.get("config", {})
+    diff = sorted(k for k in ours if k in theirs and ours[k] != theirs[k])
+    if diff or meta.get("image_size") != model.config.gen_image_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer was trained for another model config (vq {diff or 'same'}, image size "
+            f"{meta.get('image_size')} vs {model.config.gen_image_size}); train it with the same --preset"
+        )
+    model.vq.load_state_dict(sd, strict=True)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="directory to create (replaced if it exists)")
     p.add_argument("--format", default="hf", choices=["hf", "deepseek", "native"], help="checkpoint layout (default hf)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     p.add_argument("--init-std", type=float, default=0.05, help="std of the normal weight init (default 0.05)")
     p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--vq", default=None, help="a trained VQ tokenizer directory (python -m janus_train.tools.train_tokenizer)")
     args = p.parse_args(argv)
-    path = make_tiny_checkpoint(args.out_dir, args.format, args.seed, args.init_std, args.preset)
+    from janus_train.checkpoint.io import CheckpointError
+
+    try:
+        path = make_tiny_checkpoint(args.out_dir, args.format, args.seed, args.init_std, args.preset, vq=args.vq)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.format} checkpoint to {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from janus_train.contracts import conversation as conv
 
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan", "gray", "brown"]
-SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ellipse", "diamond", "hexagon", "cross", "ring"]
-PLACES = ["left", "right", "top", "bottom", "center", "corner", "middle", "upper", "lower"]
+from janus_train.eval.shapes import COLORS, POSITIONS, SHAPES  # noqa: E402 - the shapes world's vocabulary
+
+PLACES = sorted({w for p in POSITIONS for w in p.split()} | {"corner", "middle", "upper", "lower"})
 WORDS = (
     "a an the is are of on in at to and with there what which how many where image picture photo shows "
-    "background large small big tiny one two three four five six seven eight nine ten color shape "
+    "background large small big tiny one two three four five six seven eight nine ten color shape an object "
     "describe this that it its has have question answer yes no please draw generate create near next "
     "above below beside between some several only no none count number left right side object objects "
     "you can see I there's here scene simple plain solid bright dark light pale deep"
@@ -48,6 +48,7 @@ def corpus() -> list[str]:
     for color, shape, place in itertools.product(COLORS, SHAPES, PLACES):
         lines.append(f"A {color} {shape} on the {place} of a plain background.")
         lines.append(f"What color is the {shape}? The {shape} is {color}.")
+        lines.append(f"What shape is the {color} object? It is a {shape}.")
     for n in range(1, 11):
         lines.append(f"There are {n} shapes in the image. How many objects can you see? I can see {n}.")
     lines.append(" ".join(WORDS))

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from janus_train.contracts.batch import TASKS
 from janus_train.contracts.errors import ConfigError, from_validation_error, unknown_key
 from janus_train.data.config import DataSettings, Ratio, Source
+from janus_train.eval.config import EvalData, EvalSettings
 from janus_train.models.attention import ATTENTION_BACKENDS
 from janus_train.models.janus.config import PRESETS, RECOMPUTE_MODES, JanusConfig, check_trainable
 
@@ -87,11 +88,18 @@ class OptimizerConfig(_Section):
     weight_decay: NonNegativeFloat
 
 
+class LossWeights(_Section):
+    und: NonNegativeFloat
+    text: NonNegativeFloat
+    gen: NonNegativeFloat
+
+
 class TrainConfig(_Section):
     micro_batch_rows: PositiveInt
     max_bad_steps: PositiveInt
     optimizer: OptimizerConfig
     grad_clip: NonNegativeFloat
+    loss_weights: LossWeights
     stages: StagesConfig
 
 
@@ -151,9 +159,34 @@ class ParallelConfig(_Section):
     gpus_per_node: PositiveInt
 
 
+class EvalSection(EvalSettings):
+    """Evaluation during training: `EvalSettings` plus when and on what."""
+
+    every_steps: NonNegativeInt = 0  # evaluate every N global steps (0: not periodically)
+    at_stage_end: bool = True  # and after the last step of every stage
+    data: EvalData | None = None  # the held-out sets; None: no evaluation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("data"), dict):
+            v = dict(v, data=EvalData.from_dict(v["data"]))
+        return v
+
+
 class DemoAssetsConfig(_Section):
     build: bool
     num_samples: PositiveInt
+    held_out: NonNegativeInt
+    tokenizer_minutes: PositiveFloat
+    max_shapes: Annotated[int, Strict(), Field(ge=1, le=5)]
+    min_size: Annotated[float, Field(gt=0, le=0.45)]
+    max_size: Annotated[float, Field(gt=0, le=0.45)]
+    shapes: list[str]
+    noise: Annotated[int, Strict(), Field(ge=0, le=64)]
+    max_questions: Annotated[int, Strict(), Field(ge=1, le=6)]
+    square: bool
+    backgrounds: list[str]
 
 
 class RunConfig(_Section):
@@ -167,6 +200,7 @@ class RunConfig(_Section):
     model: ModelSection
     data: DataSection
     parallel: ParallelConfig
+    eval: EvalSection
     demo_assets: DemoAssetsConfig
 
     def enabled_stages(self) -> list["StageSettings"]:
@@ -328,6 +362,13 @@ def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, c
             for i, src in enumerate(srcs):
                 if check_paths and not Path(src["path"]).is_dir():
                     raise ConfigError(f"{key}[{i}].path", f"data directory {src['path']!r} does not exist")
+    if run.eval.data is not None and check_paths:
+        run.eval.data.check_exists(tuple(run.eval.tasks), key="eval.data")
+    if run.eval.scorer is not None:
+        from janus_train.eval.scorers import SCORERS
+
+        if run.eval.scorer not in SCORERS:
+            raise ConfigError("eval.scorer", f"unknown scorer {run.eval.scorer!r}; scorers are {sorted(SCORERS)}")
     if dp_size is not None:
         unit = dp_size * run.train.micro_batch_rows
         for s in stages:

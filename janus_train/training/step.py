@@ -7,6 +7,9 @@ would divide by the accumulation steps; we undo both scalings explicitly:
 
     loss_backward(micro j, rank r) = dp_size * sum_CE(j, r) / N_global
     => after DeepSpeed's mean over ranks: grad = d/dθ [ sum over all tokens CE / N_global ]
+
+With task weights (train.loss_weights), sum_CE is sum over tasks of weight x that task's summed
+CE; the reported losses stay unweighted token means.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def train_step(
     device: torch.device,
     float_dtype: torch.dtype,
     touch_all: bool,
+    loss_weights: dict[str, float] | None = None,
 ) -> StepResult:
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise RuntimeError(
@@ -82,11 +86,13 @@ def train_step(
     task_tokens = {t: int(glob[i]) for i, t in enumerate(TASKS)}
     n_global = max(1, sum(task_tokens.values()))
 
+    # Plain sum when every weight is 1, so the default objective is bitwise the unweighted one.
+    weighted = None if not loss_weights or all(loss_weights[t] == 1.0 for t in TASKS) else {t: float(loss_weights[t]) for t in TASKS}
     sums = torch.zeros(len(TASKS), dtype=torch.float64)
     for mb in micro_batches:
         batch = mb.to(device, float_dtype)
         out = engine(batch, touch_all=touch_all)
-        total = out.total_sum()
+        total = out.total_sum() if weighted is None else sum(w * out.loss_sum[t] for t, w in weighted.items())
         engine.backward(total * (dp_size / n_global), scale_wrt_gas=False)
         engine.step()
         sums += torch.stack([out.loss_sum[t].detach().double().cpu() for t in TASKS])

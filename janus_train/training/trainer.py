@@ -73,6 +73,7 @@ class Trainer:
         self.loader = None
         self.current_stage: StageSettings | None = None
         self.last_checkpoint: Path | None = None
+        self.evaluation = None  # training.evaluation.TrainingEvaluation when eval.data is set
         self.global_step = 0
         self.stage_step = 0
         self.bad_in_row = 0
@@ -176,6 +177,10 @@ class Trainer:
                 self.callbacks.append(wandb_cb)
             if lg.progress:
                 self.callbacks.append(ProgressBar())
+        if self.cfg.eval.data is not None:
+            from janus_train.training.evaluation import TrainingEvaluation
+
+            self.evaluation = TrainingEvaluation(self.cfg.eval, self.run_dir, self.tokenizer, wandb_cb)
         if lg.sample_every:
             self.callbacks.append(SampleGrids(self.run_dir, lg.sample_every, list(lg.sample_prompts), lg.sample_num, lg.sample_cfg, lg.sample_seed, self.tokenizer, wandb_cb))
 
@@ -346,7 +351,8 @@ class Trainer:
             slow = fault("step_sleep")
             if slow:
                 time.sleep(slow[0])
-            res = train_step(self.engine, micro_batches, self.dp_size, self.dp_group, self.dist.device, self.dtype, touch_all)
+            res = train_step(self.engine, micro_batches, self.dp_size, self.dp_group, self.dist.device, self.dtype, touch_all,
+                             dict(cfg.train.loss_weights))
             if self.dist.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -362,7 +368,9 @@ class Trainer:
             flags = all_reduce_sum(torch.tensor([float(self.stop.signum is not None), float(skipped_local)], device=comm_dev))
             stop_requested, skipped_samples = bool(flags[0] > 0), int(flags[1])
             record = self._record(stage, res, lr, dt, skipped_samples)
-            if self.global_step % cfg.logging.every_steps == 0 or self.stage_step == stage.steps:
+            if self.evaluation is not None and self.evaluation.due(self.global_step, self.stage_step, stage):
+                record.eval, record.eval_time_s = self.evaluation.run(self, self.global_step)
+            if self.global_step % cfg.logging.every_steps == 0 or self.stage_step == stage.steps or record.eval is not None:
                 self._call("on_step_end", stage, record)
             if self.bad_in_row >= cfg.train.max_bad_steps:
                 raise TrainingAborted(

@@ -340,7 +340,7 @@ class RealTrainer(_Trainer):
         self.root = shapes_root
 
     def base_overrides(self, run_dir: Path) -> list[str]:
-        return ["+recipe=tiny_demo", f"run_dir={run_dir}", f"data.root={self.root}",
+        return ["+recipe=tiny_demo", "model=tiny", "eval.data=null", f"run_dir={run_dir}", f"data.root={self.root}",
                 f"model.init_from={self.root / 'tiny_init'}", "demo_assets.build=false",
                 "logging.progress=false", "logging.wandb.enabled=false", "logging.sample_every=0",
                 "data.num_workers=0", "checkpoint.export_hf=false"]

@@ -18,7 +18,7 @@ SHARD_SIZE = 20
 
 @pytest.fixture(scope="session")
 def tok(tiny_hf_ckpt):
-    from janus_train.data.tokenize import TokenizerInfo
+    from janus_train.contracts.tokens import TokenizerInfo
 
     return TokenizerInfo.from_hf(str(tiny_hf_ckpt))
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train.contracts.conversation import und_prompt
 from janus_train.contracts.preprocess import und_pixels
-from janus_train.inference.understand import answer
+from janus_train.inference.understand import answer, prompt_ids
 from janus_train.checkpoint.io import load_pretrained, load_tokenizer
 
 
@@ -31,7 +30,8 @@ def test_greedy_answer_equals_transformers(tiny_hf_ckpt, image):
     model, tok = load_pretrained(tiny_hf_ckpt), load_tokenizer(tiny_hf_ckpt)
     img = Image.open(image)
     _, ours = answer(model, tok, img, "What is in the image?", max_new_tokens=12, system=None)
-    ids = torch.tensor([tok(und_prompt("What is in the image?", model.config.num_image_tokens, system=None)).input_ids])
+    # The same input ids (ours, built as training builds und prompts) into both models.
+    ids = torch.tensor([prompt_ids(tok, model.config.num_image_tokens, "What is in the image?", system=None)])
     pixels = und_pixels(img.convert("RGB"), model.config.vision.image_size)[None]
     out = hf.generate(ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -73,6 +73,9 @@ def config_to_hf(cfg: JanusConfig) -> dict[str, Any]:
             "image_token_embed_dim": llm.hidden_size,
             "num_patches": cfg.gen_grid,
             "hidden_act": "gelu",
+            # Not a transformers field (its VQ always uses 32 groups); kept so our loader reads
+            # back a tiny tokenizer trained with fewer. Written only when it differs.
+            **({"norm_groups": vq.norm_groups} if vq.norm_groups != 32 else {}),
         },
     }
 
@@ -132,6 +135,7 @@ def config_from_hf(d: dict[str, Any], name: str = "from_hf") -> JanusConfig:
             in_channels=q.in_channels,
             out_channels=q.out_channels,
             gen_aligner_depth=q.num_hidden_layers,
+            norm_groups=int(getattr(q, "norm_groups", 32)),
         ),
         image_token_id=hf.image_token_id,
     ).validate()
@@ -210,6 +214,9 @@ def config_to_deepseek(cfg: JanusConfig) -> dict[str, Any]:
     qsizes = dict(base_channels=vq.base_channels, channel_multipliers=list(vq.channel_multipliers), num_res_blocks=vq.num_res_blocks, latent_channels=vq.latent_channels)
     release_vision = vsizes == _DEEPSEEK_VISION_MODELS["siglip_large_patch16_384"]
     release_vq = qsizes == {k: list(v) if isinstance(v, tuple) else v for k, v in _DEEPSEEK_VQ_MODELS["VQ-16"].items()}
+    if vq.norm_groups != 32:
+        qsizes["norm_groups"] = vq.norm_groups
+        release_vq = False
     vparams: dict[str, Any] = {"image_size": vis.image_size, "model_name": "siglip_large_patch16_384", "select_feature": "same", "select_layer": -1}
     if not release_vision:
         vparams["janus_train_sizes"] = vsizes

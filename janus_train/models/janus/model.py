@@ -196,6 +196,21 @@ class JanusModel(nn.Module):
                     num_tokens[name] = torch.zeros((), dtype=torch.long, device=flat_h.device)
         return TaskLosses({n: loss_sum[n] for n in TASKS}, {n: num_tokens[n] for n in TASKS})
 
+    def token_losses(self, batch: PackedBatch) -> torch.Tensor:
+        """fp32 [R, S]: the CE of every supervised position's label (0 elsewhere), for scoring
+        documents one by one (evaluation: validation loss, multiple choice by likelihood)."""
+        hidden = self.hidden_states(batch)
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        labels = batch.labels.reshape(-1)
+        task = batch.loss_task.reshape(-1)
+        out = flat_h.new_zeros(labels.shape, dtype=torch.float32)
+        text_sel = (task == TASK_ID["und"]) | (task == TASK_ID["text"])
+        for head, sel in ((self.lm_head, text_sel), (self.gen_head, task == TASK_ID["gen"])):
+            idx = sel.nonzero(as_tuple=True)[0]
+            if idx.numel():
+                out[idx] = per_token_cross_entropy(head, flat_h[idx], labels[idx]).float()
+        return out.view_as(batch.labels)
+
     # ---- logits for evaluation and parity checks -----------------------------------------
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -13,16 +13,16 @@ from torch import nn
 from janus_train.models.janus.config import VQConfig
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = _norm(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
@@ -35,9 +35,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the spatial grid (1x1 conv projections)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.norm = _norm(ch)
+        self.norm = _norm(ch, groups)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -71,11 +71,11 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.block1 = ResBlock(ch, ch)
-        self.attn = AttnBlock(ch)
-        self.block2 = ResBlock(ch, ch)
+        self.block1 = ResBlock(ch, ch, groups)
+        self.attn = AttnBlock(ch, groups)
+        self.block2 = ResBlock(ch, ch, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block2(self.attn(self.block1(x)))
@@ -84,15 +84,15 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """One resolution: res blocks (each followed by attention at the coarsest level) + resample."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, with_attn: bool, resample: nn.Module | None):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, with_attn: bool, resample: nn.Module | None, groups: int):
         super().__init__()
         self.blocks = nn.ModuleList()
         self.attns = nn.ModuleList()
         for _ in range(num_blocks):
-            self.blocks.append(ResBlock(in_ch, out_ch))
+            self.blocks.append(ResBlock(in_ch, out_ch, groups))
             in_ch = out_ch
             if with_attn:
-                self.attns.append(AttnBlock(out_ch))
+                self.attns.append(AttnBlock(out_ch, groups))
         self.resample = resample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,10 +115,10 @@ class Encoder(nn.Module):
         for i, mult in enumerate(mults):
             out = base * mult
             down = Downsample(out) if i != last else None
-            self.levels.append(Level(ch, out, cfg.num_res_blocks, with_attn=i == last, resample=down))
+            self.levels.append(Level(ch, out, cfg.num_res_blocks, with_attn=i == last, resample=down, groups=cfg.norm_groups))
             ch = out
-        self.mid = MidBlock(ch)
-        self.norm_out = _norm(ch)
+        self.mid = MidBlock(ch, cfg.norm_groups)
+        self.norm_out = _norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,15 +138,15 @@ class Decoder(nn.Module):
         base = cfg.base_channels
         ch = base * mults[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch)
+        self.mid = MidBlock(ch, cfg.norm_groups)
         self.levels = nn.ModuleList()
         last = len(mults) - 1
         for i in reversed(range(len(mults))):
             out = base * mults[i]
             up = Upsample(out) if i != 0 else None
-            self.levels.append(Level(ch, out, cfg.num_res_blocks + 1, with_attn=i == last, resample=up))
+            self.levels.append(Level(ch, out, cfg.num_res_blocks + 1, with_attn=i == last, resample=up, groups=cfg.norm_groups))
             ch = out
-        self.norm_out = _norm(ch)
+        self.norm_out = _norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Evaluation: validation loss, understanding accuracy (QA, MMBench), generation scored by a pluggable scorer."""
