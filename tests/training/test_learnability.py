@@ -30,7 +30,9 @@ def test_tiny_learn_reaches_its_held_out_floors(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     tokenizer = json.loads((tmp_path / "data" / "tokenizer" / "report.json").read_text())["held_out"]
-    assert tokenizer["reconstruction_vs_original"] >= 0.95, tokenizer
+    # Measured 0.961 after tiny_learn's 4 minutes; the budget is wall-clock, so a slower machine
+    # trains fewer steps: the floor leaves room for that.
+    assert tokenizer["reconstruction_vs_original"] >= 0.9, tokenizer
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in rows if "eval/und_acc" in m][-1]
     assert final["step"] == rows[-1]["step"]
