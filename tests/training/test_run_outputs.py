@@ -26,6 +26,9 @@ def finished_run(shapes_root, tmp_path_factory, trainer_tools):
         "logging.wandb.enabled=true",
         "logging.sample_every=2",
         "logging.sample_num=2",
+        "logging.sample_prompts=[a red circle,a blue square]",
+        # The paper's stage-2 rule (tiny_demo trains the random mini SigLIP in stage 2 too).
+        "train.stages.stage2.trainable=[llm,lm_head,und_aligner,gen_embed,gen_aligner,gen_head]",
         "checkpoint.every_steps=100",
     ]
     r = trainer_tools.run(overrides, timeout=900)
