@@ -3,7 +3,7 @@ captions, question-answer conversations and plain text.
 
     python -m data_pipelines.synthetic_shapes --out DIR --n N [--image-size PX] [--seed S] [--workers K]
         [--max-shapes N] [--min-size F] [--max-size F] [--shapes circle,square,...] [--noise N] [--max-questions N]
-        [--square] [--backgrounds white,black,...]
+        [--square] [--backgrounds white,black,...] [--colors red,green,...]
 
 writes, for N samples per task (deterministic in --seed, whatever --workers):
 
@@ -58,6 +58,7 @@ class World:
     max_questions: int = 3  # 1..len(QUESTION_TYPES)
     square: bool = False  # every image square (else mixed aspect ratios, which und pads)
     backgrounds: tuple[str, ...] = ALL_COLORS  # background colours drawn
+    colors: tuple[str, ...] = ALL_COLORS  # shape colours drawn (never the image's background)
 
 
 def _rng(seed: int, task: str, i: int) -> np.random.Generator:
@@ -75,13 +76,11 @@ def _coordinate(rng: np.random.Generator, margin: float) -> float:
 
 
 def make_scene(rng: np.random.Generator, world: World = World(), aspect: float | None = None) -> dict:
-    colors = list(shapes.COLORS)
     bg = world.backgrounds[rng.integers(len(world.backgrounds))]
+    colors = [c for c in world.colors if c != bg]
     placed: list[dict] = []
     for _ in range(int(rng.integers(1, world.max_shapes + 1))):
-        c = bg
-        while c == bg:
-            c = colors[rng.integers(len(colors))]
+        c = colors[rng.integers(len(colors))]
         r = float(rng.uniform(world.min_size, world.max_size))
         kind = world.shapes[rng.integers(len(world.shapes))]
         reach = r * shapes.CIRCUMRADIUS[kind]
@@ -200,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", default=",".join(shapes.SHAPES), help="comma-separated kinds to draw (default: all)")
     p.add_argument("--square", action="store_true", help="square images only (default: mixed aspect ratios)")
     p.add_argument("--backgrounds", default=",".join(shapes.COLORS), help="comma-separated background colours (default: all)")
+    p.add_argument("--colors", default=",".join(shapes.COLORS), help="comma-separated shape colours (default: all)")
     p.add_argument("--noise", type=int, default=6, help="per-pixel noise amplitude, 0 for flat colours (default 6)")
     p.add_argument("--max-questions", type=int, default=3,
                    help=f"questions per und conversation: 1..N, distinct types (default 3, at most {len(QUESTION_TYPES)})")
@@ -216,11 +216,18 @@ def main(argv: list[str] | None = None) -> None:
     bad = [c for c in backgrounds if c not in shapes.COLORS]
     if bad or not backgrounds:
         p.error(f"--backgrounds: unknown colour(s) {bad or [args.backgrounds]}; colours are {list(shapes.COLORS)}")
+    colors = tuple(c.strip() for c in args.colors.split(",") if c.strip())
+    bad = [c for c in colors if c not in shapes.COLORS]
+    if bad or not colors:
+        p.error(f"--colors: unknown colour(s) {bad or [args.colors]}; colours are {list(shapes.COLORS)}")
+    alone = [b for b in backgrounds if not set(colors) - {b}]
+    if alone:
+        p.error(f"--colors {args.colors}: no shape colour other than the background {alone[0]}")
     if not 1 <= args.max_questions <= len(QUESTION_TYPES):
         p.error(f"--max-questions must be in 1..{len(QUESTION_TYPES)}, got {args.max_questions}")
     if not 0 <= args.noise <= 64:
         p.error(f"--noise must be in 0..64, got {args.noise}")
-    world = World(args.max_shapes, args.min_size, args.max_size, kinds, args.noise, args.max_questions, args.square, backgrounds)
+    world = World(args.max_shapes, args.min_size, args.max_size, kinds, args.noise, args.max_questions, args.square, backgrounds, colors)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     if args.image_size < 8:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -148,13 +150,43 @@ def checked_run(overrides: list[str], nproc: int = 1, launcher: str = "python", 
     return r
 
 
+def wait_for(pred, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll `pred` until true; fail with the run's log tail if the run exits first."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            out = open(proc.log_path).read() if getattr(proc, "log_path", None) else ""
+            raise AssertionError(f"training exited early with {proc.returncode}:\n{out[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def signal_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 300) -> None:
+    """Signal the launcher and every rank (as a scheduler would), then wait until no process of
+    the group is left: the launcher may exit before its ranks."""
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=timeout)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("ranks did not exit after the signal")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")
 def trainer_tools():
-    return types.SimpleNamespace(base=base_overrides, engine=engine_overrides, run=run_train, checked=checked_run, metrics=read_metrics)
+    return types.SimpleNamespace(base=base_overrides, engine=engine_overrides, run=run_train, checked=checked_run, metrics=read_metrics,
+                                 wait_for=wait_for, signal_group=signal_group)
 
 
 class ReferenceRuns:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     d = cfg.demo_assets
     if d.build:  # false: the overrides point data, init and eval at the user's own
         build_demo_assets(out / "data", Path(cfg.model.init_from), str(cfg.model.preset), int(d.num_samples), int(cfg.seed),
-                          int(d.held_out), float(d.tokenizer_minutes), WorldSpec.of(d))
+                          int(d.held_out), int(d.tokenizer_steps), WorldSpec.of(d))
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [
         str(deepspeed) if deepspeed.exists() else "deepspeed",

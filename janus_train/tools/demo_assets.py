@@ -3,8 +3,8 @@
 images, the tiny init checkpoint that uses it, and the gen shards pre-tokenised with it.
 
     python -m janus_train.tools.demo_assets --root DIR --init DIR [--preset mini] [--num-samples N]
-        [--held-out N] [--tokenizer-minutes M] [--max-shapes 1] [--min-size F] [--max-size F]
-        [--shapes K,...] [--noise 0] [--max-questions 6] [--seed S]
+        [--held-out N] [--tokenizer-steps N] [--max-shapes 1] [--min-size F] [--max-size F]
+        [--shapes K,...] [--colors C,...] [--backgrounds C,...] [--noise 0] [--max-questions 6] [--seed S]
 
 Layout under --root: und/, text/, gen_real/, gen_synthetic/ (training), heldout/{und,text,gen}/
 (evaluation), eval.yaml (the held-out sets, for `python -m janus_train.eval --data`), tokenizer/
@@ -50,18 +50,20 @@ class WorldSpec:
     max_questions: int = 3
     square: bool = False
     backgrounds: tuple[str, ...] | None = None  # None: every colour
+    colors: tuple[str, ...] | None = None  # shape colours; None: every colour
 
     @classmethod
     def of(cls, demo_assets: Any) -> "WorldSpec":
         """From the config's `demo_assets` section."""
         d = demo_assets
         return cls(int(d.max_shapes), float(d.min_size), float(d.max_size), tuple(d.shapes), int(d.noise), int(d.max_questions),
-                   bool(d.square), tuple(d.backgrounds))
+                   bool(d.square), tuple(d.backgrounds), tuple(d.colors))
 
     def args(self) -> list[str]:
         out = ["--max-shapes", str(self.max_shapes), "--min-size", str(self.min_size), "--max-size", str(self.max_size),
                "--noise", str(self.noise), "--max-questions", str(self.max_questions)] + (["--square"] if self.square else [])
         out += ["--backgrounds", ",".join(self.backgrounds)] if self.backgrounds else []
+        out += ["--colors", ",".join(self.colors)] if self.colors else []
         return out + (["--shapes", ",".join(self.shapes)] if self.shapes else [])
 
 
@@ -75,9 +77,12 @@ class WorldSpec:
 # image (more answers per image token); two background colours: a shape's outline is a
 # different set of VQ codes for every (shape colour, background colour) pair, and reading a
 # shape means telling shape pixels from background pixels, so with ten backgrounds (90 pairs)
-# neither generation nor und's shape questions were learned in 20 minutes (colour was).
+# neither generation nor und's shape questions were learned in 20 minutes (colour was); six shape
+# colours, none of them a background's or close to one (white, black, and cyan and pink, which
+# were the worst generated colours on white), so each of the 60 (kind, colour, background)
+# combinations is seen often.
 DEMO_WORLD = WorldSpec(1, 0.36, 0.4, ("circle", "square", "triangle", "star", "cross"), noise=0, max_questions=6, square=True,
-                       backgrounds=("white", "black"))
+                       backgrounds=("white", "black"), colors=("red", "green", "blue", "yellow", "purple", "orange"))
 
 
 def _synthetic(out: Path, n: int, image_size: int, seed: int, world: WorldSpec, workers: int) -> None:
@@ -133,7 +138,7 @@ seq_len: 256
 
 
 def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, seed: int, held_out: int = 256,
-                      tokenizer_minutes: float = 4.0, world: WorldSpec = DEMO_WORLD, workers: int = 2) -> None:
+                      tokenizer_steps: int = 1000, world: WorldSpec = DEMO_WORLD, workers: int = 2) -> None:
     """Build whatever is missing (idempotent; `.complete` is written last)."""
     from janus_train.models.janus.config import JanusConfig
 
@@ -148,11 +153,11 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
     image_size = int(cfg.gen_image_size * 3 // 2)  # larger than the model sees: resizing is exercised
     print(f"building the synthetic shapes dataset at {root}", flush=True)
     build_shapes_dataset(root, None, num_samples, image_size, seed, workers=workers, world=world, held_out=held_out)
-    print(f"training the {preset} VQ tokenizer for {tokenizer_minutes:g} min", flush=True)
+    print(f"training the {preset} VQ tokenizer for {tokenizer_steps} steps", flush=True)
     from janus_train.tools import train_tokenizer
 
     code = train_tokenizer.main(["--data", str(root / "gen_real_images"), "--out", str(root / "tokenizer"), "--preset", preset,
-                                 "--minutes", str(tokenizer_minutes), "--held-out", "128", "--scorer", "shapes", "--seed", str(seed)])
+                                 "--steps", str(tokenizer_steps), "--held-out", "128", "--scorer", "shapes", "--seed", str(seed)])
     if code != 0:
         raise RuntimeError(f"training the tokenizer failed (exit {code})")
     from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
@@ -178,7 +183,7 @@ def ensure_demo_assets(cfg: DictConfig, dist_info: DistInfo) -> None:
             sys.executable, "-m", "janus_train.tools.demo_assets",
             "--root", str(root), "--init", str(init), "--preset", str(cfg.model.preset),
             "--num-samples", str(int(d.num_samples)), "--held-out", str(int(d.held_out)),
-            "--tokenizer-minutes", str(float(d.tokenizer_minutes)), "--seed", str(int(cfg.seed)),
+            "--tokenizer-steps", str(int(d.tokenizer_steps)), "--seed", str(int(cfg.seed)),
             *WorldSpec.of(d).args(),
         ]
         subprocess.run(cmd, check=True)
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="mini", help="model preset (default mini)")
     p.add_argument("--num-samples", type=int, default=3000, help="training samples per task (default 3000)")
     p.add_argument("--held-out", type=int, default=256, help="held-out samples per task (default 256)")
-    p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="VQ training budget (default 4)")
+    p.add_argument("--tokenizer-steps", type=int, default=1000,
+                   help="VQ training steps of 16 images (default 1000, about 4 minutes on 2 cores)")
     w = DEMO_WORLD
     p.add_argument("--max-shapes", type=int, default=w.max_shapes, help="shapes per image, at most (default %(default)s)")
     p.add_argument("--min-size", type=float, default=w.min_size, help="smallest shape, a fraction of the short side (default %(default)s)")
@@ -203,12 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-questions", type=int, default=w.max_questions, help="questions per und conversation, at most (default %(default)s)")
     p.add_argument("--square", action=argparse.BooleanOptionalAction, default=w.square, help="square images only (default %(default)s)")
     p.add_argument("--backgrounds", default=",".join(w.backgrounds or ()), help="comma-separated background colours (default: %(default)s)")
+    p.add_argument("--colors", default=",".join(w.colors or ()), help="comma-separated shape colours (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
-    build_demo_assets(Path(a.root), Path(a.init), a.preset, a.num_samples, a.seed, a.held_out, a.tokenizer_minutes,
+    build_demo_assets(Path(a.root), Path(a.init), a.preset, a.num_samples, a.seed, a.held_out, a.tokenizer_steps,
                       WorldSpec(a.max_shapes, a.min_size, a.max_size, tuple(a.shapes.split(",")), a.noise, a.max_questions, a.square,
-                                tuple(a.backgrounds.split(","))), a.workers)
+                                tuple(a.backgrounds.split(",")), tuple(a.colors.split(","))), a.workers)
 
 
 if __name__ == "__main__":

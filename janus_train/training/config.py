@@ -70,6 +70,8 @@ class StageConfig(_Section):
     trainable: Annotated[list[str], AfterValidator(_trainable)]
     lr: PositiveFloat
     warmup_steps: NonNegativeInt
+    decay: Literal["constant", "linear", "cosine"]
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)]
     steps: NonNegativeInt
     global_batch: PositiveInt
     ratio: Ratio
@@ -178,7 +180,7 @@ class DemoAssetsConfig(_Section):
     build: bool
     num_samples: PositiveInt
     held_out: NonNegativeInt
-    tokenizer_minutes: PositiveFloat
+    tokenizer_steps: PositiveInt
     max_shapes: Annotated[int, Strict(), Field(ge=1, le=5)]
     min_size: Annotated[float, Field(gt=0, le=0.45)]
     max_size: Annotated[float, Field(gt=0, le=0.45)]
@@ -187,6 +189,7 @@ class DemoAssetsConfig(_Section):
     max_questions: Annotated[int, Strict(), Field(ge=1, le=6)]
     square: bool
     backgrounds: list[str]
+    colors: list[str]
 
 
 class RunConfig(_Section):
@@ -208,7 +211,7 @@ class RunConfig(_Section):
         for i, name in enumerate(STAGE_NAMES, start=1):
             s: StageConfig = getattr(self.train.stages, name)
             if s.enabled:
-                out.append(StageSettings(i, name, list(s.trainable), s.lr, s.warmup_steps, s.steps, s.global_batch, s.ratio,
+                out.append(StageSettings(i, name, list(s.trainable), s.lr, s.warmup_steps, s.decay, s.min_lr_ratio, s.steps, s.global_batch, s.ratio,
                                          {t: [src.model_dump() for src in v] for t, v in s.sources.items()}))
         return out
 
@@ -222,6 +225,8 @@ class StageSettings:
     trainable: list[str]
     lr: float
     warmup_steps: int
+    decay: str
+    min_lr_ratio: float
     steps: int
     global_batch: int
     ratio: tuple[float, float, float]

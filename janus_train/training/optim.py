@@ -1,6 +1,9 @@
-"""Optimizer and learning-rate schedule for a stage: AdamW, linear warmup, then constant."""
+"""Optimizer and learning-rate schedule for a stage: AdamW, linear warmup, then constant,
+linear or cosine decay to a floor over the rest of the stage."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -41,19 +44,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def warmup_constant(warmup_steps: int):
-    """lr multiplier for update k (0-based): linear ramp over warmup_steps, then 1."""
+DECAYS = ("constant", "linear", "cosine")
+
+
+def lr_factor(warmup_steps: int, total_steps: int = 0, decay: str = "constant", min_lr_ratio: float = 0.0):
+    """lr multiplier for update k (0-based): a linear ramp over warmup_steps, then 1 (constant) or
+    a linear / half-cosine fall from 1 to min_lr_ratio reached at the stage's last update
+    (k = total_steps - 1). A pure function of k, so a resumed stage replays it exactly."""
+    if decay not in DECAYS:
+        raise ValueError(f"lr decay {decay!r}: expected one of {list(DECAYS)}")
 
     def factor(k: int) -> float:
-        return min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if k < warmup_steps:
+            return (k + 1) / warmup_steps
+        span = total_steps - 1 - warmup_steps
+        if decay == "constant" or span <= 0:
+            return 1.0
+        t = min(1.0, (k - warmup_steps) / span)
+        shape = 1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
     return factor
 
 
-def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float, warmup_steps: int):
+def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float, warmup_steps: int,
+                    total_steps: int = 0, decay: str = "constant", min_lr_ratio: float = 0.0):
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("no trainable parameters in this stage")
     opt = AdamWSkipNonFinite(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(warmup_steps, total_steps, decay, min_lr_ratio))
     return opt, sched

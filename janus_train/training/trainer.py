@@ -290,7 +290,8 @@ class Trainer:
 
             apply_chunked_head_loss(model, cfg.model.head_chunk_tokens)
         apply_freeze(model, stage.trainable)
-        opt, sched = build_optimizer(model, stage.lr, cfg.train.optimizer.betas, cfg.train.optimizer.eps, cfg.train.optimizer.weight_decay, stage.warmup_steps)
+        opt, sched = build_optimizer(model, stage.lr, cfg.train.optimizer.betas, cfg.train.optimizer.eps, cfg.train.optimizer.weight_decay, stage.warmup_steps,
+                                    stage.steps, stage.decay, stage.min_lr_ratio)
         gas = stage.global_batch // (self.dp_size * cfg.train.micro_batch_rows)
         ds_cfg = dse.deepspeed_config(self.zero_stage, cfg.train.micro_batch_rows, gas, self.dp_size, cfg.train.grad_clip, self.dtype)
         self.engine = dse.build_engine(model, opt, sched, ds_cfg, self.mpu)

@@ -24,6 +24,8 @@ def _check(overrides, dp=1, paths=False):
         (["trian.steps=3"], 1, "trian.steps", "unknown key"),
         (["train.stages.stage1.lr=-1"], 1, "train.stages.stage1.lr", "-1"),
         (["train.stages.stage1.trainable=[vq]"], 1, "train.stages.stage1.trainable", "vq"),
+        (["train.stages.stage2.decay=exponential"], 1, "train.stages.stage2.decay", "exponential"),
+        (["train.stages.stage3.min_lr_ratio=1.5"], 1, "train.stages.stage3.min_lr_ratio", "1.5"),
         (["stage=4"], 1, "stage", "4"),
         (["parallel.zero_stage=4"], 1, "parallel.zero_stage", "4"),
         (["model.attention=fast"], 1, "model.attention", "fast"),
@@ -56,6 +58,7 @@ def test_paper_recipes_hold_table_2():
     assert (s.stage1.lr, s.stage1.warmup_steps, s.stage1.steps, s.stage1.global_batch, s.stage1.ratio) == (1.0e-3, 600, 20000, 256, "1:0:3")
     assert (s.stage2.lr, s.stage2.warmup_steps, s.stage2.steps, s.stage2.global_batch, s.stage2.ratio) == (1.0e-4, 5000, 360000, 512, "2:3:5")
     assert (s.stage3.lr, s.stage3.warmup_steps, s.stage3.steps, s.stage3.global_batch, s.stage3.ratio) == (4.0e-5, 0, 40000, 128, "5:1:4")
+    assert {s.stage1.decay, s.stage2.decay, s.stage3.decay} == {"constant"}
     assert list(cfg.train.optimizer.betas) == [0.9, 0.95] and cfg.train.optimizer.weight_decay == 0.0 and cfg.train.grad_clip == 1.0
     assert list(s.stage1.trainable) == ["und_aligner", "gen_embed", "gen_aligner", "gen_head"]
     assert "vision" not in s.stage2.trainable and "vision" in s.stage3.trainable

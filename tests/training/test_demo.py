@@ -17,7 +17,7 @@ from janus_train.tools.demo import eval_table, loss_trend
 pytestmark = pytest.mark.slow
 
 SHORT = [
-    "demo_assets.num_samples=400", "demo_assets.held_out=32", "demo_assets.tokenizer_minutes=0.3",
+    "demo_assets.num_samples=400", "demo_assets.held_out=32", "demo_assets.tokenizer_steps=60",
     "train.stages.stage1.steps=6", "train.stages.stage2.steps=12", "train.stages.stage3.steps=6",
     "eval.num=4", "eval.max_new_tokens=6", "logging.sample_every=6", "checkpoint.every_steps=100",
 ]

@@ -5,9 +5,6 @@ a run stopped by SIGTERM and resumed keeps the schedule."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 
 import pytest
 
@@ -27,40 +24,14 @@ def _eval_overrides(eval_data) -> list[str]:
     ]
 
 
-def _wait(pred, proc, timeout=600):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early with {proc.returncode}:\n{open(proc.log_path).read()[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
-def _wait_group_exit(pgid: int, timeout: float = 300) -> None:
-    """The launcher may exit before its ranks: wait until no process of the group is left."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(pgid, signal.SIGKILL)
-    raise AssertionError("ranks did not exit after the signal")
-
-
 def test_zero3_evaluates_on_schedule_through_a_sigterm(shapes_root, eval_data, tmp_path, trainer_tools):
     run_dir = tmp_path / "run"
     ov = trainer_tools.engine(shapes_root, run_dir, "parallel.zero_stage=3", f"train.stages.stage2.steps={STEPS}", *_eval_overrides(eval_data))
     proc = trainer_tools.run(ov, nproc=2, launcher="deepspeed", wait=False, env={"JANUS_FAULT": "step_sleep:1.5"},
                              log_path=str(tmp_path / "first.log"))
     metrics = run_dir / "metrics.jsonl"
-    _wait(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both ranks, as a scheduler would
-    proc.wait(timeout=300)
-    _wait_group_exit(proc.pid)
+    trainer_tools.wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
+    trainer_tools.signal_group(proc)  # SIGTERM to the launcher and both ranks
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted", status
     assert status["step"] < STEPS

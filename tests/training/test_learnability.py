@@ -14,26 +14,25 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# Held-out floors at the end of tiny_learn, below the figures of two measured runs (colour 1.0
-# and 1.0, shape 0.94 and 0.94, gen 0.45 and 0.31 on 100 items: docs/performance.md#evaluation;
-# gen varies with the wall-clock-budgeted tokenizer). The gen floor is far below the issue's 0.7
-# goal, which tiny_learn does not reach yet; an untrained model scores ~0.03.
+# Held-out floors at the end of tiny_learn, below the figures measured (docs/performance.md#evaluation:
+# colour and shape questions 1.0, gen 0.79 of 100 prompts at CFG 2; an untrained model scores
+# ~0.05 on gen). Per-type und accuracy rests on ~17 questions each, so the floors leave room for
+# a few answers' noise.
 FLOORS = {
     "eval/und_acc_color": 0.85,
     "eval/und_acc_shape": 0.8,
-    "eval/gen_acc": 0.2,
+    "eval/gen_acc": 0.6,
 }
 
 
-@pytest.mark.timeout(3600)  # ~26 minutes on 2 cores (assets and training): above pytest.ini's 900 s
+@pytest.mark.timeout(3600)  # ~20 minutes on 2 cores (assets and training): above pytest.ini's 900 s
 def test_tiny_learn_reaches_its_held_out_floors(tmp_path):
     cmd = [sys.executable, "-m", "janus_train.tools.demo", "--recipe", "tiny_learn", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     tokenizer = json.loads((tmp_path / "data" / "tokenizer" / "report.json").read_text())["held_out"]
-    # Measured 0.961 (1063 steps) and 0.836 (945 steps) after tiny_learn's 4 minutes: the budget
-    # is wall-clock, so a busier or slower machine trains fewer steps.
-    assert tokenizer["reconstruction_vs_original"] >= 0.75, tokenizer
+    # The issue's goal is 0.95; the budget is steps, so a slower machine trains the same tokenizer.
+    assert tokenizer["reconstruction_vs_original"] >= 0.95, tokenizer
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in rows if "eval/und_acc" in m][-1]
     assert final["step"] == rows[-1]["step"]

@@ -8,7 +8,6 @@ previous complete checkpoint to resume from.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 
@@ -27,31 +26,6 @@ def _losses(tools, run_dir):
     return [(m["step"], m["loss"], m["loss_und"], m["loss_text"], m["loss_gen"], m["grad_norm"]) for m in tools.metrics(run_dir)]
 
 
-def _wait_group_exit(pgid: int, timeout: float = 300) -> None:
-    """The launcher may exit before its ranks: wait until no process of the group is left."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(pgid, signal.SIGKILL)
-    raise AssertionError("ranks did not exit after the signal")
-
-
-def _wait_for(pred, proc, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        if proc.poll() is not None:
-            out = open(proc.log_path).read() if proc.log_path else ""
-            raise AssertionError(f"training exited early with {proc.returncode}:\n{out[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
-
-
 @pytest.fixture(scope="module")
 def reference(reference_runs, trainer_tools):
     """The session's uninterrupted 2-rank ZeRO-2 run of the same config."""
@@ -65,10 +39,8 @@ def test_sigterm_then_resume_is_bitwise(reference, shapes_root, tmp_path, traine
     ov = _overrides(trainer_tools, shapes_root, run_dir)
     proc = trainer_tools.run(ov, nproc=2, launcher="deepspeed", wait=False, env={"JANUS_FAULT": "step_sleep:1.5"}, log_path=str(tmp_path / "first.log"))
     metrics = run_dir / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both ranks, as a scheduler would
-    proc.wait(timeout=300)
-    _wait_group_exit(proc.pid)
+    trainer_tools.wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
+    trainer_tools.signal_group(proc)  # SIGTERM to the launcher and both ranks
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted", status
     stopped_at = status["step"]
@@ -84,11 +56,9 @@ def test_kill_during_checkpoint_write_resumes_from_previous(reference, shapes_ro
     ov = _overrides(trainer_tools, shapes_root, run_dir)
     proc = trainer_tools.run(ov, nproc=2, launcher="deepspeed", wait=False, env={"JANUS_FAULT": "save_sleep:4:60"}, log_path=str(tmp_path / "first.log"))
     ckpts = run_dir / "checkpoints"
-    _wait_for(lambda: ckpts.is_dir() and any(p.name.startswith(".tmp-step_00000004") for p in ckpts.iterdir()), proc)
+    trainer_tools.wait_for(lambda: ckpts.is_dir() and any(p.name.startswith(".tmp-step_00000004") for p in ckpts.iterdir()), proc)
     time.sleep(1.0)  # well inside the 60 s write
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    _wait_group_exit(proc.pid)
+    trainer_tools.signal_group(proc, signal.SIGKILL)
     assert any(p.name.startswith(".tmp-step_00000004") for p in ckpts.iterdir())
     assert not (ckpts / "step_00000004").exists()
     r = trainer_tools.run(ov + ["resume=auto"], nproc=2, launcher="deepspeed", timeout=900)
