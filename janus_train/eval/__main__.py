@@ -44,6 +44,22 @@ def _load(ckpt: str, device: str, dtype: torch.dtype):
     return load_pretrained(path, device=device, dtype=dtype), tok
 
 
+def training_system_prompt(ckpt: str | Path) -> tuple[bool, str | None]:
+    """(found, data.und_system_prompt) of the training run a checkpoint comes from: a run
+    directory, one of its checkpoints/step_* or exports/stageN (the run's config.yaml is at most
+    two levels up). Not found for a checkpoint outside a run."""
+    import yaml
+
+    path = Path(ckpt).resolve()
+    for d in (path, *list(path.parents)[:2]):
+        f = d / "config.yaml"
+        if f.is_file() and ((d / "checkpoints").is_dir() or (d / "metrics.jsonl").is_file()):
+            data = (yaml.safe_load(f.read_text()) or {}).get("data") or {}
+            if "und_system_prompt" in data:
+                return True, data["und_system_prompt"]
+    return False, None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m janus_train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory or training run")
@@ -84,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = EvalSettings(tasks=tasks, num=args.num, cfg=args.cfg, temperature=args.temperature, scorer=args.scorer,
                                 max_new_tokens=args.max_new_tokens, geneval_samples=args.geneval_samples, seed=args.seed)
         data = EvalData.from_yaml(args.data)
+        found, prompt = training_system_prompt(args.ckpt)
+        if found:
+            data = data.following(prompt)
         data.check_exists(tuple(tasks))
         if data.mmbench and "und" in tasks:
             from janus_train.eval.harness import read_mmbench

@@ -41,7 +41,10 @@ class EvalData(BaseModel):
     gen: list[Source] = []
     seq_len: Int = Field(1024, ge=8)
     tokenizer: str | None = None  # default: the checkpoint's
-    und_system_prompt: str | None = "default"  # as training: "default" = DeepSeek's, null = none
+    # The und system prompt, which must be the one the model was trained with: "default" =
+    # DeepSeek's, null = none. Unset, it follows the training run's data.und_system_prompt where
+    # that is known (`following`), else "default".
+    und_system_prompt: str | None = "default"
     mmbench: str | None = None
     geneval: str | None = None
 
@@ -52,6 +55,14 @@ class EvalData(BaseModel):
             return cls.model_validate(d)
         except ValidationError as e:
             raise from_validation_error(e, where, where="docs/evaluation.md") from None
+
+    def following(self, training_prompt: str | None) -> "EvalData":
+        """This data with the training run's system prompt, unless the eval data sets its own."""
+        if "und_system_prompt" in self.model_fields_set:
+            return self
+        out = self.model_copy(update={"und_system_prompt": training_prompt})
+        out.__pydantic_fields_set__.add("und_system_prompt")
+        return out
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalData":

@@ -382,7 +382,7 @@ class Evaluator:
         was_training = self.model.training
         self.model.eval()
         t0 = time.monotonic()
-        report: dict[str, Any] = {"tasks": list(self.s.tasks)}
+        report: dict[str, Any] = {"tasks": list(self.s.tasks), "und_system_prompt": self.system}
         try:
             if "loss" in self.s.tasks:
                 report.update(self.loss())

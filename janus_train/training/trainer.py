@@ -180,7 +180,9 @@ class Trainer:
         if self.cfg.eval.data is not None:
             from janus_train.training.evaluation import TrainingEvaluation
 
-            self.evaluation = TrainingEvaluation(self.cfg.eval, self.run_dir, self.tokenizer, wandb_cb)
+            # Held-out und prompts as training renders them, unless eval.data says otherwise.
+            section = self.cfg.eval.model_copy(update={"data": self.cfg.eval.data.following(self.cfg.data.und_system_prompt)})
+            self.evaluation = TrainingEvaluation(section, self.run_dir, self.tokenizer, wandb_cb)
         if lg.sample_every:
             self.callbacks.append(SampleGrids(self.run_dir, lg.sample_every, list(lg.sample_prompts), lg.sample_num, lg.sample_cfg, lg.sample_seed, self.tokenizer, wandb_cb))
 

@@ -113,6 +113,7 @@ def test_training_run_and_hf_export(reference_runs, eval_data, tmp_path):
     r2 = run_eval("--ckpt", str(hf), "--data", str(eval_data / "eval.yaml"), "--tasks", "loss", "--num", "4", "--out", str(tmp_path / "hf_eval"))
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = _report(tmp_path / "run"), _report(tmp_path / "hf_eval")
+    assert a["und_system_prompt"] == b["und_system_prompt"]  # the run's setting, and the released default
     assert a["loss_und"] == pytest.approx(b["loss_und"], rel=1e-6) and a["loss_gen"] == pytest.approx(b["loss_gen"], rel=1e-6)
 
 
@@ -239,3 +240,31 @@ def test_bad_input_is_one_line_exit_2(tiny_hf_ckpt, eval_data, tmp_path):
         assert r.returncode == 2, (args, r.stderr[-2000:])
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, r.stderr)
+
+
+# ---- the und system prompt follows training -----------------------------------------------------
+
+
+def test_system_prompt_follows_the_training_run(tmp_path):
+    """A model is asked with the system prompt it was trained with: the run's, found from the run
+    directory, its checkpoints and its exports, unless the eval data sets one."""
+    from janus_train.eval.__main__ import training_system_prompt
+    from janus_train.eval.config import EvalData
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "exports" / "stage1").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  und_system_prompt: null\n  seq_len: 256\n")
+    for where in (run, run / "checkpoints" / "step_00000002", run / "exports" / "stage1"):
+        assert training_system_prompt(where) == (True, None), where
+    alone = tmp_path / "hf"
+    alone.mkdir()
+    assert training_system_prompt(alone) == (False, None)
+
+    unset = EvalData.from_dict({"seq_len": 64})
+    assert unset.und_system_prompt == "default"  # nothing known about training: DeepSeek's
+    assert unset.following(None).und_system_prompt is None
+    assert unset.following("Be brief.").und_system_prompt == "Be brief."
+    explicit = EvalData.from_dict({"seq_len": 64, "und_system_prompt": "default"})
+    assert explicit.following(None).und_system_prompt == "default"  # the eval data's own choice wins
+    assert unset.following(None).following("x").und_system_prompt is None  # set once, then fixed
