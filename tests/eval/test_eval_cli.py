@@ -110,10 +110,16 @@ def test_training_run_and_hf_export(reference_runs, eval_data, tmp_path):
     r = run_eval("--ckpt", str(run), "--data", str(eval_data / "eval.yaml"), "--tasks", "loss", "--num", "4", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     hf = convert(run, "train", tmp_path / "hf", "hf")
-    r2 = run_eval("--ckpt", str(hf), "--data", str(eval_data / "eval.yaml"), "--tasks", "loss", "--num", "4", "--out", str(tmp_path / "hf_eval"))
+    # An export taken out of its run carries no training config: the eval data says what the run
+    # trained with (tiny_demo: no system prompt), as docs/evaluation.md tells users to.
+    held = eval_data / "heldout"
+    own = tmp_path / "eval_no_system.yaml"
+    own.write_text(f"und: [{{path: {held / 'und'}}}]\ntext: [{{path: {held / 'text'}}}]\ngen: [{{path: {held / 'gen'}}}]\n"
+                   "seq_len: 256\nund_system_prompt: null\n")
+    r2 = run_eval("--ckpt", str(hf), "--data", str(own), "--tasks", "loss", "--num", "4", "--out", str(tmp_path / "hf_eval"))
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = _report(tmp_path / "run"), _report(tmp_path / "hf_eval")
-    assert a["und_system_prompt"] == b["und_system_prompt"]  # the run's setting, and the released default
+    assert a["und_system_prompt"] is None and b["und_system_prompt"] is None  # the run's own, found from its config.yaml
     assert a["loss_und"] == pytest.approx(b["loss_und"], rel=1e-6) and a["loss_gen"] == pytest.approx(b["loss_gen"], rel=1e-6)
 
 
