@@ -60,9 +60,7 @@ class EvalData(BaseModel):
         """This data with the training run's system prompt, unless the eval data sets its own."""
         if "und_system_prompt" in self.model_fields_set:
             return self
-        out = self.model_copy(update={"und_system_prompt": training_prompt})
-        out.__pydantic_fields_set__.add("und_system_prompt")
-        return out
+        return self.model_copy(update={"und_system_prompt": training_prompt})  # now set: a second call keeps it
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalData":
