@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from janus_train.contracts import conversation as conv
 from janus_train.contracts.batch import TASK_ID, TASKS, Doc, Row, collate
@@ -48,7 +48,7 @@ from janus_train.data import formats as fmt
 from janus_train.data.shards import ShardReader, dataset_shards
 from janus_train.data.tokenize import DocBuilder
 from janus_train.eval.config import EvalData, EvalSettings
-from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes
+from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes, prompt_grid
 from janus_train.inference.understand import answer
 
 
@@ -410,41 +410,6 @@ def summary(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-# ---- pictures ------------------------------------------------------------------------------------
-
-
-def prompt_grid(images: list[np.ndarray], prompts: list[str], cols: int = 8, min_side: int = 128) -> Image.Image:
-    """Images in a grid, each prompt written under its image."""
-    if not images:
-        return Image.new("RGB", (min_side, min_side), "white")
-    side = max(min_side, images[0].shape[0])
-    font = ImageFont.load_default()
-    chars = max(8, side // 6)
-    wrapped = ["\n".join(_wrap(p, chars)[:4]) for p in prompts]
-    text_h = 4 + 12 * max(len(w.splitlines()) for w in wrapped)
-    cols = min(cols, len(images))
-    rows = (len(images) + cols - 1) // cols
-    canvas = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
-    d = ImageDraw.Draw(canvas)
-    for i, (img, text) in enumerate(zip(images, wrapped)):
-        r, c = divmod(i, cols)
-        x, y = c * side, r * (side + text_h)
-        canvas.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (x, y))
-        d.multiline_text((x + 2, y + side + 2), text, fill="black", font=font, spacing=2)
-    return canvas
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    return lines + ([line] if line else [])
-
-
 def _gathered(module: torch.nn.Module, zero3: bool):
     if not zero3:
         return contextlib.nullcontext()
@@ -453,4 +418,4 @@ def _gathered(module: torch.nn.Module, zero3: bool):
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
-__all__ = ["EvalContext", "Evaluator", "normalise_answer", "prompt_grid", "read_mmbench", "summary"]
+__all__ = ["EvalContext", "Evaluator", "normalise_answer", "read_mmbench", "summary"]

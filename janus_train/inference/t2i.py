@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from janus_train.contracts.conversation import gen_prompt
 from janus_train.contracts.tokens import TokenizerInfo
@@ -117,3 +118,35 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
         r, col = divmod(i, cols)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
     return grid
+
+
+def prompt_grid(images: list[np.ndarray], prompts: list[str], cols: int = 8, min_side: int = 128) -> Image.Image:
+    """Images in a grid, each prompt written under its image."""
+    if not images:
+        return Image.new("RGB", (min_side, min_side), "white")
+    side = max(min_side, images[0].shape[0])
+    font = ImageFont.load_default()
+    chars = max(8, side // 6)
+    wrapped = ["\n".join(_wrap(p, chars)[:4]) for p in prompts]
+    text_h = 4 + 12 * max(len(w.splitlines()) for w in wrapped)
+    cols = min(cols, len(images))
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
+    d = ImageDraw.Draw(canvas)
+    for i, (img, text) in enumerate(zip(images, wrapped)):
+        r, c = divmod(i, cols)
+        x, y = c * side, r * (side + text_h)
+        canvas.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (x, y))
+        d.multiline_text((x + 2, y + side + 2), text, fill="black", font=font, spacing=2)
+    return canvas
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return lines + ([line] if line else [])

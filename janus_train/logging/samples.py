@@ -1,6 +1,7 @@
 """Every `logging.sample_every` steps: a grid of CFG samples from fixed prompts.
 
-Saved as `<run_dir>/samples/step_XXXXXXXX.png` (one row per prompt) and logged to W&B.
+Saved as `<run_dir>/samples/step_XXXXXXXX.png` (one row per prompt, the prompt under each image,
+small images scaled up so a person can read them) and logged to W&B.
 Under ZeRO-3 the parameters are partitioned, so every rank runs the sampler (the gathers are
 collectives) and rank 0 writes; otherwise rank 0 samples alone.
 """
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes
+from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes, prompt_grid
 from janus_train.logging.callback import Callback
 
 
@@ -41,7 +42,7 @@ class SampleGrids(Callback):
         model = trainer.engine.module
         was_training = model.training
         model.eval()
-        rows = []
+        images: list[np.ndarray] = []
         try:
             for prompt in self.prompts:
                 # Same seed per prompt: the grid at step k and step k+n differ only by training.
@@ -49,14 +50,14 @@ class SampleGrids(Callback):
                 with torch.no_grad():
                     codes = generate_codes(model, self.tok, prompt, self.num, SampleConfig(cfg_weight=self.cfg_weight), generator=gen)
                 with _gathered(model.vq, zero3):
-                    rows.append(np.concatenate(list(codes_to_images(model, codes)), axis=1))
+                    images.extend(codes_to_images(model, codes))
         finally:
             model.train(was_training)
         if trainer.dist.rank != 0:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step_{step:08d}.png"
-        grid = np.concatenate(rows, axis=0)
+        grid = np.asarray(prompt_grid(images, [p for p in self.prompts for _ in range(self.num)], cols=self.num))
         Image.fromarray(grid).save(path)
         if self.wandb is not None:
             self.wandb.log_images(step, {"samples/grid": grid})

@@ -68,8 +68,9 @@ class WorldSpec:
 
 
 # The demo world (the defaults of recipes/config.yaml's demo_assets): one large shape per image,
-# square images, centred, of nearly one size, so a 64 px image is nearly one layout per shape and
-# a model trained from scratch for minutes on CPU can learn to read and draw it (with sizes of
+# square images, centred, of nearly one size, so a 64 px (tiny_learn) or 32 px (the demo) image
+# is nearly one layout per shape and a model trained from scratch for minutes on CPU can learn
+# to read and draw it (with sizes of
 # 0.3-0.42, positions that vary with them and mixed aspect ratios, measured learning was several
 # times slower); five kinds whose silhouettes stay distinct at 64 px after a tiny VQ (ellipse,
 # rectangle and diamond read as circle and square; a hexagon as a circle); flat colours (pixel

@@ -33,10 +33,11 @@ def _accuracy(world: World, size: int, n: int, seed: int = 11) -> tuple[float, l
     "world,size",
     [
         (World(1, DEMO_WORLD.min_size, DEMO_WORLD.max_size, DEMO_WORLD.shapes, DEMO_WORLD.noise), 64),  # the demo's world, at the mini model's size
+        (World(1, DEMO_WORLD.min_size, DEMO_WORLD.max_size, DEMO_WORLD.shapes, DEMO_WORLD.noise), 32),  # ... and at mini32's (the demo's model)
         (World(1, 0.2, 0.35), 64),  # one shape, every kind, noisy pixels
         (World(3, 0.08, 0.2), 256),  # the default world (up to three shapes)
     ],
-    ids=["demo-64px", "one-shape-64px", "three-shapes-256px"],
+    ids=["demo-64px", "demo-32px", "one-shape-64px", "three-shapes-256px"],
 )
 def test_scorer_reads_real_images(world, size):
     acc, wrong = _accuracy(world, size, 200)

@@ -106,7 +106,11 @@ def test_metrics_wandb_and_samples(finished_run):
     grids = sorted((finished_run / "samples").glob("step_*.png"))
     assert [g.name for g in grids][:3] == ["step_00000002.png", "step_00000004.png", "step_00000006.png"]
     img = np.asarray(Image.open(grids[0]))
-    assert img.shape == (2 * 64, 2 * 64, 3)  # 2 prompts x 2 samples of 64 px
+    # 2 prompts (rows) x 2 samples of 64 px, scaled to 128 px, each prompt written under its image.
+    cell_h = img.shape[0] // 2
+    assert img.shape[1] == 2 * 128 and img.shape[0] == 2 * cell_h and cell_h > 128, img.shape
+    caption = img[128:cell_h, :128]
+    assert (caption < 100).any() and (caption > 200).any()  # dark text on white
 
 
 def test_convert_exports_a_training_run(finished_run, tmp_path):
