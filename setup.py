@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "orjson>=3.9",  # per-sample json in the data loader (formats.parse_json)
     "scipy>=1.10",  # blob labelling of the shapes scorer (eval/shapes.py)
+    # JanusFlow: the time embedding of its generation encoder, and AutoencoderKL (SDXL-VAE). No
+    # torch requirement of its own, so it never pulls a CUDA build.
+    "diffusers>=0.31,<1",
 ]
 
 EXTRAS_REQUIRE = {

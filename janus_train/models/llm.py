@@ -40,6 +40,38 @@ class LLMConfig:
         return self.hidden_size // self.num_heads
 
 
+def llm_config_from_llama(lang: dict) -> LLMConfig:
+    """Our LLMConfig from a transformers LlamaConfig dict (DeepSeek releases' `language_config`)."""
+    return LLMConfig(
+        vocab_size=lang["vocab_size"],
+        hidden_size=lang["hidden_size"],
+        intermediate_size=lang["intermediate_size"],
+        num_layers=lang["num_hidden_layers"],
+        num_heads=lang["num_attention_heads"],
+        num_kv_heads=lang.get("num_key_value_heads") or lang["num_attention_heads"],
+        rms_norm_eps=lang.get("rms_norm_eps", 1e-6),
+        rope_theta=float(lang.get("rope_theta", 10000.0)),
+        max_position_embeddings=lang.get("max_position_embeddings", 16384),
+        tie_word_embeddings=bool(lang.get("tie_word_embeddings", False)),
+    )
+
+
+def llama_config_from_llm(llm: LLMConfig) -> dict:
+    """The LlamaConfig dict of our LLMConfig (the inverse of `llm_config_from_llama`)."""
+    return {
+        "model_type": "llama",
+        "vocab_size": llm.vocab_size,
+        "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.intermediate_size,
+        "num_hidden_layers": llm.num_layers,
+        "num_attention_heads": llm.num_heads,
+        "num_key_value_heads": llm.num_kv_heads,
+        "max_position_embeddings": llm.max_position_embeddings,
+        "rms_norm_eps": llm.rms_norm_eps,
+        "rope_theta": llm.rope_theta,
+    }
+
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -167,11 +199,17 @@ class LanguageModel(nn.Module):
         docs: PackedDocs | None,
         backend: str,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
+        capture_layer: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed hidden states; with `capture_layer=k` also block k's raw output (1-based),
+        for losses on intermediate features (JanusFlow's representation alignment)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
+        captured = None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, docs, backend, cache, i)
+            if capture_layer == i + 1:
+                captured = x
         if cache is not None:
             cache.length += inputs_embeds.shape[1]
-        return self.norm(x)
+        return self.norm(x) if capture_layer is None else (self.norm(x), captured)

@@ -29,6 +29,29 @@ class VisionConfig:
     aligner_depth: int = 2
 
 
+# SigLIP sizes DeepSeek's releases name by `model_name` instead of listing them.
+DEEPSEEK_VISION_MODELS = {
+    "siglip_large_patch16_384": dict(hidden_size=1024, num_layers=24, num_heads=16, patch_size=16, mlp_ratio=4.0),
+}
+
+
+def vision_from_deepseek(params: dict, aligner_depth: int) -> VisionConfig:
+    """VisionConfig from a DeepSeek `CLIPVisionTower` params dict. Checkpoints at other sizes
+    (our tiny test models) carry their sizes explicitly as `janus_train_sizes`."""
+    sizes = params.get("janus_train_sizes") or DEEPSEEK_VISION_MODELS.get(params.get("model_name", ""))
+    if sizes is None:
+        raise ValueError(f"unknown DeepSeek vision model_name {params.get('model_name')!r}")
+    return VisionConfig(image_size=params.get("image_size", 384), aligner_depth=aligner_depth, **sizes)
+
+
+def deepseek_vision_params(vis: VisionConfig) -> dict:
+    """The `CLIPVisionTower` params dict of `vis` (the inverse of `vision_from_deepseek`)."""
+    sizes = dict(hidden_size=vis.hidden_size, num_layers=vis.num_layers, num_heads=vis.num_heads, patch_size=vis.patch_size, mlp_ratio=vis.mlp_ratio)
+    params: dict = {"image_size": vis.image_size, "model_name": "siglip_large_patch16_384", "select_feature": "same", "select_layer": -1}
+    if sizes != DEEPSEEK_VISION_MODELS["siglip_large_patch16_384"]:
+        params["janus_train_sizes"] = sizes
+    return params
+
 
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):

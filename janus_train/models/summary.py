@@ -2,8 +2,9 @@
 
     python -m janus_train.models.summary NAME [--json] [key=value ...]
 
-NAME is a preset (tiny, small, janus_pro_1b, janus_pro_7b); key=value pairs override config
-fields (llm.num_layers=4). A tensor shared by two modules is counted once.
+NAME is a preset of either family (Janus-Pro: tiny, mini, small, janus_pro_1b, janus_pro_7b;
+JanusFlow: janusflow_tiny, janusflow_1_3b); key=value pairs override config fields
+(llm.num_layers=4). A tensor shared by two modules is counted once.
 """
 
 from __future__ import annotations
@@ -14,19 +15,28 @@ import sys
 
 import torch
 
-from janus_train.models.janus.config import PRESETS, JanusConfig, parse_overrides
+from janus_train.models.janus.config import PRESETS as JANUS_PRESETS
+from janus_train.models.janus.config import JanusConfig, parse_overrides
+from janus_train.models.janusflow.config import PRESETS as FLOW_PRESETS
+from janus_train.models.janusflow.config import JanusFlowConfig
+
+PRESETS = {**JANUS_PRESETS, **FLOW_PRESETS}
 
 
-def component_counts(cfg: JanusConfig) -> dict[str, int]:
-    from janus_train.models.janus.model import JanusModel
+def component_counts(cfg: JanusConfig | JanusFlowConfig) -> dict[str, int]:
+    if isinstance(cfg, JanusFlowConfig):
+        from janus_train.models.janusflow.model import JanusFlowModel as Model
+    else:
+        from janus_train.models.janus.model import JanusModel as Model
 
     with torch.device("meta"):
-        model = JanusModel(cfg)
+        model = Model(cfg)
     seen: set[int] = set()
     counts: dict[str, int] = {}
-    for name in JanusModel.COMPONENTS:
+    for name in Model.COMPONENTS:
+        part = getattr(model, name)
         total = 0
-        for p in getattr(model, name).parameters():
+        for p in [part] if isinstance(part, torch.nn.Parameter) else part.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
@@ -41,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    cfg = JanusConfig.from_preset(args.name, parse_overrides(args.overrides))
+    family = JanusFlowConfig if args.name in FLOW_PRESETS else JanusConfig
+    cfg = family.from_preset(args.name, parse_overrides(args.overrides))
     counts = component_counts(cfg)
     if args.json:
         print(json.dumps({"model": args.name, **counts}))

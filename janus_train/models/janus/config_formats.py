@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from janus_train.models.janus.config import JanusConfig, VQConfig
-from janus_train.models.llm import LLMConfig
-from janus_train.models.siglip import VisionConfig
+from janus_train.models.llm import LLMConfig, llama_config_from_llm, llm_config_from_llama
+from janus_train.models.siglip import VisionConfig, deepseek_vision_params, vision_from_deepseek
 
 
 def config_to_hf(cfg: JanusConfig) -> dict[str, Any]:
@@ -141,10 +141,6 @@ def config_from_hf(d: dict[str, Any], name: str = "from_hf") -> JanusConfig:
     ).validate()
 
 
-# SigLIP sizes the DeepSeek release names by model_name instead of listing them.
-_DEEPSEEK_VISION_MODELS = {
-    "siglip_large_patch16_384": dict(hidden_size=1024, num_layers=24, num_heads=16, patch_size=16, mlp_ratio=4.0),
-}
 # LlamaGen's "VQ-16" (the only tokenizer Janus-Pro ships).
 _DEEPSEEK_VQ_MODELS = {
     "VQ-16": dict(base_channels=128, channel_multipliers=(1, 1, 2, 2, 4), num_res_blocks=2, latent_channels=256),
@@ -168,15 +164,13 @@ def config_from_deepseek(d: dict[str, Any], name: str = "from_deepseek") -> Janu
         ghead = d["gen_head_config"]["params"]
     except KeyError as e:
         raise ValueError(f"DeepSeek config.json lacks key {e}") from None
-    vsizes = vparams.get("janus_train_sizes") or _DEEPSEEK_VISION_MODELS.get(vparams.get("model_name", ""))
-    if vsizes is None:
-        raise ValueError(f"unknown DeepSeek vision model_name {vparams.get('model_name')!r}")
     qsizes = gparams.get("janus_train_sizes") or _DEEPSEEK_VQ_MODELS.get(gvis.get("cls", ""))
     if qsizes is None:
         raise ValueError(f"unknown DeepSeek gen_vision_config cls {gvis.get('cls')!r}")
     if aparams.get("projector_type", "mlp_gelu") != "mlp_gelu" or galign.get("projector_type", "mlp_gelu") != "mlp_gelu":
         raise ValueError("only mlp_gelu projectors are supported")
-    hidden = lang["hidden_size"]
+    llm = llm_config_from_llama(lang)
+    hidden = llm.hidden_size
     for key, val in (("aligner n_embed", aparams["n_embed"]), ("gen_aligner n_embed", galign["n_embed"]), ("gen_head n_embed", ghead["n_embed"])):
         if val != hidden:
             raise ValueError(f"DeepSeek {key}={val} != language hidden_size={hidden}")
@@ -184,19 +178,8 @@ def config_from_deepseek(d: dict[str, Any], name: str = "from_deepseek") -> Janu
         raise ValueError("DeepSeek gen_head image_token_size != gen_vision image_token_size")
     return JanusConfig(
         name=name,
-        llm=LLMConfig(
-            vocab_size=lang["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=lang["intermediate_size"],
-            num_layers=lang["num_hidden_layers"],
-            num_heads=lang["num_attention_heads"],
-            num_kv_heads=lang.get("num_key_value_heads") or lang["num_attention_heads"],
-            rms_norm_eps=lang.get("rms_norm_eps", 1e-6),
-            rope_theta=float(lang.get("rope_theta", 10000.0)),
-            max_position_embeddings=lang.get("max_position_embeddings", 16384),
-            tie_word_embeddings=bool(lang.get("tie_word_embeddings", False)),
-        ),
-        vision=VisionConfig(image_size=vparams.get("image_size", 384), aligner_depth=aparams.get("depth", 2), **vsizes),
+        llm=llm,
+        vision=vision_from_deepseek(vparams, aligner_depth=aparams.get("depth", 2)),
         vq=VQConfig(
             codebook_size=gparams["image_token_size"],
             code_dim=gparams["n_embed"],
@@ -210,35 +193,19 @@ def config_from_deepseek(d: dict[str, Any], name: str = "from_deepseek") -> Janu
 def config_to_deepseek(cfg: JanusConfig) -> dict[str, Any]:
     """DeepSeek-layout config.json (used to write test checkpoints in the original layout)."""
     llm, vis, vq = cfg.llm, cfg.vision, cfg.vq
-    vsizes = dict(hidden_size=vis.hidden_size, num_layers=vis.num_layers, num_heads=vis.num_heads, patch_size=vis.patch_size, mlp_ratio=vis.mlp_ratio)
     qsizes = dict(base_channels=vq.base_channels, channel_multipliers=list(vq.channel_multipliers), num_res_blocks=vq.num_res_blocks, latent_channels=vq.latent_channels)
-    release_vision = vsizes == _DEEPSEEK_VISION_MODELS["siglip_large_patch16_384"]
     release_vq = qsizes == {k: list(v) if isinstance(v, tuple) else v for k, v in _DEEPSEEK_VQ_MODELS["VQ-16"].items()}
     if vq.norm_groups != 32:
         qsizes["norm_groups"] = vq.norm_groups
         release_vq = False
-    vparams: dict[str, Any] = {"image_size": vis.image_size, "model_name": "siglip_large_patch16_384", "select_feature": "same", "select_layer": -1}
-    if not release_vision:
-        vparams["janus_train_sizes"] = vsizes
     gparams: dict[str, Any] = {"image_token_size": vq.codebook_size, "n_embed": vq.code_dim}
     if not release_vq:
         gparams["janus_train_sizes"] = qsizes
     return {
         "model_type": "multi_modality",
         "architectures": ["MultiModalityCausalLM"],
-        "language_config": {
-            "model_type": "llama",
-            "vocab_size": llm.vocab_size,
-            "hidden_size": llm.hidden_size,
-            "intermediate_size": llm.intermediate_size,
-            "num_hidden_layers": llm.num_layers,
-            "num_attention_heads": llm.num_heads,
-            "num_key_value_heads": llm.num_kv_heads,
-            "max_position_embeddings": llm.max_position_embeddings,
-            "rms_norm_eps": llm.rms_norm_eps,
-            "rope_theta": llm.rope_theta,
-        },
-        "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision", "params": vparams},
+        "language_config": llama_config_from_llm(llm),
+        "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision", "params": deepseek_vision_params(vis)},
         "aligner_config": {"cls": "MlpProjector", "model_type": "aligner", "params": {"depth": vis.aligner_depth, "input_dim": vis.hidden_size, "n_embed": llm.hidden_size, "projector_type": "mlp_gelu"}},
         "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision", "params": gparams},
         "gen_aligner_config": {"cls": "MlpProjector", "model_type": "gen_aligner", "params": {"depth": vq.gen_aligner_depth, "input_dim": vq.code_dim, "n_embed": llm.hidden_size, "projector_type": "mlp_gelu"}},

@@ -1,0 +1,222 @@
+"""JanusFlow in plain PyTorch: the LLM, SigLIP and aligner code of Janus-Pro, with rectified-flow
+generation in the same LLM.
+
+    und:  pixels -> SigLIP -> linear aligner; the learned `und_begin` embedding, then the image's
+          features, replace the image's placeholder positions (1 + patches per image)
+    gen:  a document is (prompt, time token, G latent tokens), attended causally like the rest
+          of the row (DeepSeek's inference runs the LLM with a plain causal mask). The latent
+          z_t = t x1 + (1 - t) z0 goes through the generation encoder: its time embedding fills
+          the time position, its G patch features (through `gen_enc_aligner`) the latent
+          positions. The LLM's outputs at the latent positions -> `gen_dec_norm` ->
+          `gen_dec_aligner` -> generation decoder (with the encoder's skip) -> velocity v,
+          trained towards x1 - z0 (MSE). REPA: the outputs of LLM block `flow.repa_layer` at the
+          latent positions, through `repa_proj`, are pulled towards SigLIP's features of the
+          clean image (cosine; SigLIP gets no gradient from it).
+    text: token ids -> embed_tokens; LLM outputs -> lm_head -> next token
+
+Noise z0 and times t come from the caller (the data loader draws them from its own seeded
+stream), so a resumed run replays them bit for bit. Nothing here knows about ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from janus_train.models.attention import PackedDocs
+from janus_train.models.heads import MLPProjector, per_token_cross_entropy
+from janus_train.models.janusflow.config import COMPONENTS, JanusFlowConfig
+from janus_train.models.janusflow.uvit import FlowDecoder, FlowEncoder
+from janus_train.models.llm import LanguageModel, RMSNorm
+from janus_train.models.siglip import SigLIPVisionTower
+
+# The release scales flow time [0, 1] by 1000 before its sinusoidal embedding.
+TIME_SCALE = 1000.0
+
+
+@dataclass
+class FlowInputs:
+    """One packed step of JanusFlow data (shapes: R rows, S positions, N und images, M gen docs).
+
+    input_ids        long [R, S]   text ids; placeholders at image / time / latent positions
+    position_ids     long [R, S]   restart at 0 per document
+    cu_seqlens       int32 [D+1]   document boundaries of the row-major stream (as Janus-Pro's)
+    max_seqlen       int
+    labels           long [R, S]   next text token (IGNORE_INDEX -100 where no CE)
+    loss_task        long [R, S]   0 und / 1 text for CE positions, -1 elsewhere
+    und_image_mask   bool [R, S]   1 + patches positions per und image, in image order
+    und_pixel_values [N, 3, H, W]  uint8 (normalised on the device) or float (normalised)
+    gen_time_mask    bool [R, S]   one position per gen document, in document order
+    gen_latent_mask  bool [R, S]   G positions per gen document, in document order
+    gen_latents      float [M, C, h, w]  clean VAE latents x1 (scaled as the VAE's training)
+    gen_noise        float [M, C, h, w]  z0
+    gen_t            float [M]     flow time in [0, 1]
+    gen_repa_pixels  [M, 3, H, W] or None  the clean image at SigLIP's preprocessing (REPA)
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    labels: torch.Tensor
+    loss_task: torch.Tensor
+    und_image_mask: torch.Tensor
+    gen_time_mask: torch.Tensor
+    gen_latent_mask: torch.Tensor
+    und_pixel_values: torch.Tensor | None = None
+    gen_latents: torch.Tensor | None = None
+    gen_noise: torch.Tensor | None = None
+    gen_t: torch.Tensor | None = None
+    gen_repa_pixels: torch.Tensor | None = None
+
+
+@dataclass
+class FlowLosses:
+    """Summed per-task losses and their normalisers: CE tokens for und/text, latent elements
+    for flow, latent tokens for REPA."""
+
+    loss_sum: dict[str, torch.Tensor]
+    count: dict[str, torch.Tensor]
+
+
+class JanusFlowModel(nn.Module):
+    COMPONENTS = COMPONENTS  # submodule names by role (config.py)
+
+    def __init__(self, config: JanusFlowConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        h, fl = c.llm.hidden_size, c.flow
+        self.llm = LanguageModel(c.llm)
+        self.lm_head = nn.Linear(h, c.llm.vocab_size, bias=False)
+        if c.llm.tie_word_embeddings:
+            self.lm_head.weight = self.llm.embed_tokens.weight
+        self.vision = SigLIPVisionTower(c.vision)
+        self.und_aligner = MLPProjector(c.vision.hidden_size, h, 1)
+        self.und_begin = nn.Parameter(torch.zeros(1, h))
+        self.gen_encoder = FlowEncoder(fl, h)
+        self.gen_enc_aligner = nn.Linear(fl.width, h)
+        self.gen_dec_norm = RMSNorm(h, c.llm.rms_norm_eps)
+        self.gen_dec_aligner = nn.Linear(h, fl.width)
+        self.gen_decoder = FlowDecoder(fl, h)
+        self.repa_proj = RepaProjector(h, fl.repa_hidden, c.vision.hidden_size)
+
+    # ---- setup ---------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Fresh random weights: normal(0, std) linears/convs/embeddings, zero biases, unit norms;
+        GRN scales stay zero (identity), as ConvNeXt-V2 initialises them."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                    module.weight.copy_((torch.randn(module.weight.shape, generator=gen) * std).to(module.weight.dtype))
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    module.weight.fill_(1.0)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+            for p in (self.vision.pos_embed, self.und_begin):
+                p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+            for name, p in self.named_parameters():
+                if ".channelwise_norm." in name:
+                    p.zero_()
+
+    # ---- pathways ------------------------------------------------------------------------
+    def embed_und_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, 1 + patches, llm_hidden]: the begin embedding, then the features."""
+        feats = self.und_aligner(self.vision(pixel_values))
+        begin = self.und_begin.to(feats.dtype)[None].expand(feats.shape[0], 1, -1)
+        return torch.cat([begin, feats], dim=1)
+
+    def encode_latents(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_t [M, C, h, w], t [M] in [0, 1]) -> (LLM tokens [M, G, H], time embedding [M, H], skip)."""
+        feats, t_emb, skip = self.gen_encoder(z_t, t * TIME_SCALE)
+        tokens = self.gen_enc_aligner(feats.flatten(2).transpose(1, 2))
+        return tokens, t_emb, skip
+
+    def decode_velocity(self, hidden: torch.Tensor, skip: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """LLM outputs at the latent positions [M, G, H] -> velocity [M, C, h, w]."""
+        m, g, _ = hidden.shape
+        side = self.config.gen_grid
+        x = self.gen_dec_aligner(self.gen_dec_norm(hidden))
+        x = x.transpose(1, 2).reshape(m, -1, side, side)
+        return self.gen_decoder(x, skip, t_emb)
+
+    # ---- training forward ----------------------------------------------------------------
+    def forward(self, batch: FlowInputs) -> FlowLosses:
+        """Summed losses per task (`und`, `text`: CE; `flow`: squared error; `repa`: 1 - cos)."""
+        c = self.config
+        ids = batch.input_ids
+        special = batch.und_image_mask | batch.gen_time_mask | batch.gen_latent_mask
+        x = self.llm.embed_tokens(ids.masked_fill(special, 0))
+        if batch.und_pixel_values is not None and batch.und_pixel_values.shape[0] > 0:
+            und = self.embed_und_images(batch.und_pixel_values)
+            _scatter_check(batch.und_image_mask, und, "und_image_mask", "und images")
+            x = x.masked_scatter(batch.und_image_mask[..., None], und.reshape(-1, und.shape[-1]).to(x.dtype))
+        n_gen = 0 if batch.gen_latents is None else batch.gen_latents.shape[0]
+        if n_gen:
+            x1, z0 = batch.gen_latents.to(x.dtype), batch.gen_noise.to(x.dtype)
+            t = batch.gen_t.to(x.dtype)
+            z_t = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * z0
+            tokens, t_emb, skip = self.encode_latents(z_t, t)
+            _scatter_check(batch.gen_latent_mask, tokens, "gen_latent_mask", "gen documents")
+            _scatter_check(batch.gen_time_mask, t_emb[:, None], "gen_time_mask", "gen documents")
+            x = x.masked_scatter(batch.gen_latent_mask[..., None], tokens.reshape(-1, tokens.shape[-1]).to(x.dtype))
+            x = x.masked_scatter(batch.gen_time_mask[..., None], t_emb.to(x.dtype))
+        docs = PackedDocs.from_cu_seqlens(batch.cu_seqlens, batch.max_seqlen, ids.shape[0], ids.shape[1])
+        hidden, mid = self.llm(x, batch.position_ids, docs, c.attention, capture_layer=c.flow.repa_layer)
+
+        loss_sum: dict[str, torch.Tensor] = {}
+        count: dict[str, torch.Tensor] = {}
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        labels, task = batch.labels.reshape(-1), batch.loss_task.reshape(-1)
+        idx = (task >= 0).nonzero(as_tuple=True)[0]
+        ce = per_token_cross_entropy(self.lm_head, flat_h[idx], labels[idx]) if idx.numel() else flat_h.new_zeros(0)
+        for name, tid in (("und", 0), ("text", 1)):
+            m = task[idx] == tid
+            loss_sum[name] = (ce.float() * m).sum()
+            count[name] = m.sum()
+        zero = flat_h.new_zeros((), dtype=torch.float32)
+        if n_gen:
+            g = c.num_gen_tokens
+            gen_h = hidden[batch.gen_latent_mask].view(n_gen, g, -1)
+            v = self.decode_velocity(gen_h, skip, t_emb)
+            target = (x1 - z0).float()
+            loss_sum["flow"] = (v.float() - target).pow(2).sum()
+            count["flow"] = torch.tensor(target.numel(), device=x.device)
+            if batch.gen_repa_pixels is not None:
+                with torch.no_grad():
+                    ref = self.vision(batch.gen_repa_pixels)
+                pred = self.repa_proj(mid[batch.gen_latent_mask].view(n_gen, g, -1))
+                if ref.shape[1] != g:
+                    raise ValueError(f"REPA needs SigLIP's grid ({ref.shape[1]} patches) to match the gen grid ({g} tokens)")
+                cos = F.cosine_similarity(pred.float(), ref.float(), dim=-1)
+                loss_sum["repa"] = (1 - cos).sum()
+                count["repa"] = torch.tensor(cos.numel(), device=x.device)
+        for name in ("flow", "repa"):
+            loss_sum.setdefault(name, zero)
+            count.setdefault(name, torch.zeros((), dtype=torch.long, device=x.device))
+        return FlowLosses(loss_sum, count)
+
+
+class RepaProjector(nn.Module):
+    """REPA's projector h_phi: LLM hidden -> hidden -> SiLU ... -> SigLIP width (3 linears)."""
+
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, out)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 0 else layer(F.silu(x))
+        return x
+
+
+def _scatter_check(mask: torch.Tensor, values: torch.Tensor, mask_name: str, what: str) -> None:
+    n_pos, n_val = int(mask.sum()), values.shape[0] * values.shape[1]
+    if n_pos != n_val:
+        raise ValueError(f"{mask_name} marks {n_pos} positions but {values.shape[0]} {what} give {n_val}")
