@@ -1,11 +1,12 @@
-"""Convert Janus checkpoints between layouts.
+"""Convert Janus-Pro and JanusFlow checkpoints between layouts.
 
     python -m janus_train.convert --src DIR --src-format {hf,deepseek,native,train} \
-                                  --dst DIR --dst-format {hf,native} [--dtype {keep,fp32,bf16,fp16}]
+                                  --dst DIR --dst-format {hf,native,deepseek} [--dtype {keep,fp32,bf16,fp16}]
 
   hf        transformers JanusForConditionalGeneration directory (config.json + safetensors)
-  deepseek  the original release (config.json with language_config/..., pytorch_model*.bin);
-            read with torch.load(weights_only=True) only
+  deepseek  the original release (config.json with language_config/..., pytorch_model*.bin or
+            safetensors); pickles read with torch.load(weights_only=True) only. As a
+            destination only for JanusFlow, which has no hf layout (written with safetensors)
   native    janus-train's own layout (config.json + safetensors)
   train     a janus-train training run directory or one of its checkpoints (exports the
             newest complete checkpoint's model weights)
@@ -24,14 +25,15 @@ from pathlib import Path
 import torch
 
 from janus_train.checkpoint.io import CheckpointError, read_checkpoint, write_checkpoint
+from janus_train.models.janusflow.config import JanusFlowConfig
 
 DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def convert(src: str | Path, src_format: str, dst: str | Path, dst_format: str, dtype: str = "keep") -> Path:
     """Convert a checkpoint directory; returns the destination path."""
-    if dst_format not in ("hf", "native"):
-        raise CheckpointError(f"--dst-format must be hf or native, got {dst_format!r}")
+    if dst_format not in ("hf", "native", "deepseek"):
+        raise CheckpointError(f"--dst-format must be hf, native or deepseek, got {dst_format!r}")
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     src = Path(src)
@@ -46,6 +48,8 @@ def convert(src: str | Path, src_format: str, dst: str | Path, dst_format: str, 
         aux = src
     else:
         raise CheckpointError(f"--src-format must be one of hf, deepseek, native, train; got {src_format!r}")
+    if dst_format == "deepseek" and not isinstance(cfg, JanusFlowConfig):
+        raise CheckpointError("--dst-format deepseek is written for JanusFlow only; export Janus-Pro as hf (transformers loads it)")
     target = DTYPES[dtype]
     if target is not None:
         sd = {k: v.to(target) if v.is_floating_point() else v for k, v in sd.items()}
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", required=True, help="source checkpoint directory")
     p.add_argument("--src-format", required=True, help="hf | deepseek | native | train")
     p.add_argument("--dst", required=True, help="destination directory (replaced atomically if it exists)")
-    p.add_argument("--dst-format", required=True, help="hf | native")
+    p.add_argument("--dst-format", required=True, help="hf | native | deepseek (JanusFlow's release layout)")
     p.add_argument("--dtype", default="keep", help="keep (default) | fp32 | bf16 | fp16")
     args = p.parse_args(argv)
     try:

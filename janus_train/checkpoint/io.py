@@ -1,8 +1,11 @@
-"""Checkpoint directories of whole models: reading, writing and loading them, in three layouts.
+"""Checkpoint directories of whole models: reading, writing and loading them, in three layouts,
+for both model families (Janus-Pro; JanusFlow, which has no hf layout).
 
-  native    config.json {"format": "janus_train", "janus_config": {...}} + model*.safetensors
+  native    config.json {"format": "janus_train", "janus_config" | "janusflow_config": {...}}
+            + model*.safetensors
   hf        transformers JanusForConditionalGeneration: config.json + model*.safetensors
-  deepseek  the original release: config.json (language_config, vision_config, ...) +
+  deepseek  the original release: config.json (language_config, vision_config, ... or, for
+            JanusFlow, vision_und_enc_config, vision_gen_enc_config, ...) + model*.safetensors or
             pytorch_model*.bin pickles, read with torch.load(weights_only=True) only
 
 Tokenizer / processor files travel with the weights. Directories are written to a temporary
@@ -12,6 +15,7 @@ final name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from janus_train.models.janus import config_formats, keys
 from janus_train.models.janus.config import JanusConfig
+from janus_train.models.janusflow import config_formats as flow_formats
+from janus_train.models.janusflow import keys as flow_keys
+from janus_train.models.janusflow.config import TRAINING_ONLY as FLOW_TRAINING_ONLY
+from janus_train.models.janusflow.config import JanusFlowConfig
+
+ModelConfig = JanusConfig | JanusFlowConfig
 
 NATIVE_MARKER = "janus_train"
 FORMATS = ("native", *keys.FORMATS)
@@ -62,7 +72,7 @@ def detect_format(path: str | Path) -> str:
     raise CheckpointError(f"{cfg_path}: cannot tell the checkpoint format (model_type={d.get('model_type')!r})")
 
 
-def read_config(path: str | Path, fmt: str | None = None) -> JanusConfig:
+def read_config(path: str | Path, fmt: str | None = None) -> ModelConfig:
     fmt = fmt or detect_format(path)
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
@@ -75,16 +85,20 @@ def read_config(path: str | Path, fmt: str | None = None) -> JanusConfig:
         raise CheckpointError(f"{cfg_path} is not a valid {fmt} config: {e}") from None
 
 
-def _config_from_dict(d: dict, path: str | Path, fmt: str) -> JanusConfig:
+def _config_from_dict(d: dict, path: str | Path, fmt: str) -> ModelConfig:
     if fmt == "native":
         if d.get("format") != NATIVE_MARKER:
             raise CheckpointError(f"{path}: config.json is not a janus_train native config")
+        if "janusflow_config" in d:
+            return JanusFlowConfig.from_dict(d["janusflow_config"])
         return JanusConfig.from_dict(d["janus_config"])
     if fmt == "hf":
         if d.get("model_type") != "janus":
             raise CheckpointError(f"{path}: config.json model_type={d.get('model_type')!r}, expected 'janus' for --format hf")
         return config_formats.config_from_hf(d, name=Path(path).name)
     if fmt == "deepseek":
+        if flow_formats.is_janusflow_release(d):
+            return flow_formats.config_from_release(d, name=Path(path).name)
         return config_formats.config_from_deepseek(d, name=Path(path).name)
     raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
 
@@ -117,14 +131,20 @@ def _read_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[JanusConfig, dict[str, torch.Tensor]]:
-    """(config, native state dict) from a checkpoint directory, fully validated."""
+def family_keys(cfg: ModelConfig):
+    """The state-dict table module (`to_native`, `from_native`, `FORMATS`) of cfg's family."""
+    return flow_keys if isinstance(cfg, JanusFlowConfig) else keys
+
+
+def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, native state dict) from a checkpoint directory, fully validated. A JanusFlow
+    release has no tensors for the training-only parts (the caller keeps their initialisation)."""
     path = Path(path)
     fmt = fmt or detect_format(path)
     cfg = read_config(path, fmt)
     external = _read_tensors(path, fmt)
     try:
-        native = keys.to_native(external, cfg, fmt)
+        native = family_keys(cfg).to_native(external, cfg, fmt)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {e.args[0] if e.args else e}") from None
     return cfg, native
@@ -168,7 +188,7 @@ def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
 
 def write_checkpoint(
     path: str | Path,
-    cfg: JanusConfig,
+    cfg: ModelConfig,
     native_sd: dict[str, torch.Tensor],
     fmt: str = "native",
     aux_from: str | Path | None = None,
@@ -177,12 +197,19 @@ def write_checkpoint(
     path = Path(path)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
-    external = keys.from_native(native_sd, cfg, fmt)
+    flow = isinstance(cfg, JanusFlowConfig)
+    if flow and fmt == "hf":
+        raise CheckpointError("JanusFlow has no transformers (hf) layout; use --dst-format deepseek (the release layout) or native")
+    external = family_keys(cfg).from_native(native_sd, cfg, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         if fmt == "native":
-            (tmp / "config.json").write_text(json.dumps({"format": NATIVE_MARKER, "janus_config": cfg.to_dict()}, indent=2) + "\n")
+            key = "janusflow_config" if flow else "janus_config"
+            (tmp / "config.json").write_text(json.dumps({"format": NATIVE_MARKER, key: cfg.to_dict()}, indent=2) + "\n")
+            _save_safetensors(external, tmp, {"format": "pt"})
+        elif flow:  # the JanusFlow release layout, with safetensors weights
+            (tmp / "config.json").write_text(json.dumps(flow_formats.config_to_release(cfg), indent=2) + "\n")
             _save_safetensors(external, tmp, {"format": "pt"})
         elif fmt == "hf":
             from transformers import JanusConfig as HFJanusConfig
@@ -218,12 +245,18 @@ def _fsync(f: Path) -> None:
 
 
 def load_state_into(model: torch.nn.Module, native_sd: dict[str, torch.Tensor]) -> None:
-    """Strictly load a validated native state dict, keeping dtype/device of the model."""
-    cfg: JanusConfig = model.config
+    """Strictly load a validated native state dict, keeping dtype/device of the model. Only a
+    JanusFlow model's training-only parts may be absent (a release lacks them); they keep the
+    model's current values."""
+    cfg: ModelConfig = model.config
     sd = dict(native_sd)
     if cfg.llm.tie_word_embeddings:
         sd["lm_head.weight"] = sd["llm.embed_tokens.weight"]
-    model.load_state_dict(sd, strict=True)
+    result = model.load_state_dict(sd, strict=False)
+    allowed = FLOW_TRAINING_ONLY if isinstance(cfg, JanusFlowConfig) else ()
+    missing = [k for k in result.missing_keys if k.split(".")[0] not in allowed]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"state dict does not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def load_pretrained(
@@ -233,20 +266,26 @@ def load_pretrained(
     fmt: str | None = None,
     overrides: dict | None = None,
 ):
-    """A ready `JanusModel` from any supported checkpoint directory (format auto-detected).
+    """A ready `JanusModel` or `JanusFlowModel` from any supported checkpoint directory (format
+    and family auto-detected).
 
     `overrides` replaces runtime-only fields of the stored config (attention backend,
-    activation checkpointing); architecture fields must match the weights.
+    activation checkpointing); architecture fields must match the weights. A JanusFlow release
+    has no REPA projector (training only): it gets a fresh initialisation.
     """
     from janus_train.models.janus.config import apply_overrides
     from janus_train.models.janus.model import JanusModel
+    from janus_train.models.janusflow.model import JanusFlowModel
 
     cfg, sd = read_checkpoint(path, fmt)
+    flow = isinstance(cfg, JanusFlowConfig)
     if overrides:
-        cfg = apply_overrides(cfg, overrides)
+        cfg = dataclasses.replace(cfg, **overrides) if flow else apply_overrides(cfg, overrides)
     with torch.device("meta"):
-        model = JanusModel(cfg)
+        model = JanusFlowModel(cfg) if flow else JanusModel(cfg)
     model = model.to_empty(device=device)
+    if flow:
+        model.init_training_only()
     if dtype is not None:
         model = model.to(dtype)
     load_state_into(model, sd)
@@ -278,6 +317,26 @@ def write_tokenizer_checkpoint(path: str | Path, kind: str, config: dict, image_
         meta = {"format": TOKENIZER_MARKER, "kind": kind, "image_size": image_size, "config": config, "info": info or {}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        tmp.chmod(0o755)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def write_vae_checkpoint(path: str | Path, vae: torch.nn.Module, extra_files: dict[str, bytes] | None = None) -> Path:
+    """A trained diffusers `AutoencoderKL` in diffusers' own layout (`AutoencoderKL.from_pretrained`
+    loads it, as it loads the SDXL-VAE), plus our report files, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        vae.save_pretrained(str(tmp), safe_serialization=True)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         tmp.chmod(0o755)

@@ -2,11 +2,20 @@
 
     python -m janus_train.tools.make_tiny_checkpoint DIR [--format hf|deepseek|native] [--seed S]
         [--preset tiny] [--vq TOKENIZER_DIR]
+    python -m janus_train.tools.make_tiny_checkpoint DIR --family janusflow [--format deepseek|native]
+        [--preset janusflow_tiny]
 
 Tests and the demo start from this. The model is our `tiny` preset with the LLM vocabulary
 sized to the tiny tokenizer; weights are random but deterministic in --seed. With --vq, the VQ
 tokenizer is a trained one (`python -m janus_train.tools.train_tokenizer`, for the same preset),
 so the model's generations decode to images rather than noise.
+
+--family janusflow writes a JanusFlow model (preset janusflow_tiny) in DeepSeek's release layout
+(`--format deepseek`, the default for this family: config.json with vision_und_enc_config,
+vision_gen_enc_config, vision_gen_dec_config, language_config) or native; JanusFlow has no hf
+layout. Its tokenizer's und images are <begin_of_image> + one placeholder per SigLIP patch, as
+DeepSeek's JanusFlow processor writes them (the model puts its begin embedding at the
+<begin_of_image> position).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import torch
 from janus_train.models.janus.config import JanusConfig
 from janus_train.checkpoint.io import write_checkpoint
 from janus_train.models.janus.model import JanusModel
+from janus_train.models.janusflow.config import JanusFlowConfig
+from janus_train.models.janusflow.model import JanusFlowModel
 from janus_train.tools.tiny_tokenizer import save_tokenizer_and_processor
 
 
@@ -32,17 +43,27 @@ def make_tiny_checkpoint(
     preset: str = "tiny",
     overrides: dict | None = None,
     vq: str | Path | None = None,
+    family: str = "janus",
 ) -> Path:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {list(FAMILIES)}")
+    flow = family == "janusflow"
+    if flow and vq is not None:
+        raise ValueError("a JanusFlow model generates through a VAE, not a VQ tokenizer (--vq)")
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.tokenizer"
     staging.mkdir(parents=True, exist_ok=True)
-    cfg = JanusConfig.from_preset(preset, overrides)
-    tok = save_tokenizer_and_processor(staging, cfg.vision.image_size, cfg.num_image_tokens)
+    cfg = (JanusFlowConfig if flow else JanusConfig).from_preset(preset, overrides)
+    patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    tok = save_tokenizer_and_processor(staging, cfg.vision.image_size, patches)
     if len(tok) > cfg.llm.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens > llm.vocab_size {cfg.llm.vocab_size}")
-    cfg.image_token_id = tok.convert_tokens_to_ids("<image_placeholder>")
     torch.manual_seed(seed)
-    model = JanusModel(cfg)
+    if flow:
+        model = JanusFlowModel(cfg)
+    else:
+        cfg.image_token_id = tok.convert_tokens_to_ids("<image_placeholder>")
+        model = JanusModel(cfg)
     model.init_weights(std=init_std, seed=seed)
     if vq is not None:
         load_trained_vq(model, vq)
@@ -62,6 +83,9 @@ def make_tiny_checkpoint(
         f.unlink()
     staging.rmdir()
     return out_dir
+
+
+FAMILIES = {"janus": "tiny", "janusflow": "janusflow_tiny"}  # family -> default preset
 
 
 def load_trained_vq(model: JanusModel, path: str | Path) -> None:
@@ -85,20 +109,24 @@ def load_trained_vq(model: JanusModel, path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="directory to create (replaced if it exists)")
-    p.add_argument("--format", default="hf", choices=["hf", "deepseek", "native"], help="checkpoint layout (default hf)")
+    p.add_argument("--family", default="janus", choices=list(FAMILIES), help="model family (default janus, i.e. Janus-Pro)")
+    p.add_argument("--format", default=None, choices=["hf", "deepseek", "native"],
+                   help="checkpoint layout (default hf; deepseek, the release layout, for janusflow)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     p.add_argument("--init-std", type=float, default=0.05, help="std of the normal weight init (default 0.05)")
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--preset", default=None, help="model preset (default tiny; janusflow_tiny for --family janusflow)")
     p.add_argument("--vq", default=None, help="a trained VQ tokenizer directory (python -m janus_train.tools.train_tokenizer)")
     args = p.parse_args(argv)
     from janus_train.checkpoint.io import CheckpointError
 
     try:
-        path = make_tiny_checkpoint(args.out_dir, args.format, args.seed, args.init_std, args.preset, vq=args.vq)
+        fmt = args.format or ("deepseek" if args.family == "janusflow" else "hf")
+        preset = args.preset or FAMILIES[args.family]
+        path = make_tiny_checkpoint(args.out_dir, fmt, args.seed, args.init_std, preset, vq=args.vq, family=args.family)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.format} checkpoint to {path}")
+    print(f"wrote {fmt} {args.family} checkpoint to {path}")
     return 0
 
 

@@ -14,8 +14,11 @@ the gradient term compares pixel differences (sharp edges), z the encoder output
 model looks codes up by cosine), sg stop-gradient, the decoder fed z + sg(q - z) (straight-
 through). Codes unused for `restart_every` steps are restarted at encoder outputs of the
 current batch, which keeps the whole codebook in use (a common VQ remedy; LlamaGen relies on a
-large batch and many steps instead). `TokenizerKind` is the seam for a second kind (a tiny
-`AutoencoderKL` for JanusFlow).
+large batch and many steps instead).
+
+The VAE kind (JanusFlow) trains diffusers' `AutoencoderKL` at a small width with the same pixel
+losses on a decoded posterior sample plus a KL term (`vae_losses`), and sets its scaling factor
+from the data.
 """
 
 from __future__ import annotations
@@ -201,18 +204,20 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def train_vq(vq: torch.nn.Module, images: ImageSet, s: TrainSettings, progress: bool = True,
-             on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train `vq` in place on `images` (uint8) until the minutes or the steps run out."""
+def _train_loop(model: torch.nn.Module, images: ImageSet, s: TrainSettings, batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+                after_step: Callable[[int, torch.Generator], None] | None, progress: bool,
+                on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+    """AdamW on `model` until the minutes or the steps run out: warmup (and optional cosine
+    decay), random batches with random horizontal flips, `batch_loss(x) -> (loss, record)`;
+    `after_step(step, generator)` draws from the loop's own random stream."""
     from tqdm import tqdm
 
     if s.minutes is None and s.steps is None:
         raise ValueError("give a time budget (minutes) or a step count")
     gen = torch.Generator().manual_seed(s.seed)
-    opt = torch.optim.AdamW(vq.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    n, k = len(images), vq.cfg.codebook_size
-    last_used = torch.zeros(k, dtype=torch.long)
-    vq.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    n = len(images)
+    model.train()
     t0 = time.monotonic()
     deadline = None if s.minutes is None else t0 + 60.0 * s.minutes
     result = TrainResult(0, 0.0)
@@ -228,65 +233,142 @@ def train_vq(vq: torch.nn.Module, images: ImageSet, s: TrainSettings, progress: 
             group["lr"] = s.lr * factor
         idx = torch.randint(0, n, (min(s.batch_size, n),), generator=gen)
         x = to_model_range(images.pixels[idx])
-        # Random flips: the world has no preferred left/right, and the codebook sees more.
+        # Random flips: the world has no preferred left/right, and the tokenizer sees more.
         flip = torch.rand(x.shape[0], generator=gen) < 0.5
         x[flip] = x[flip].flip(-1)
-        losses, _ = vq_losses(vq, x, s.beta, s.edge_weight)
+        loss, rec = batch_loss(x)
         opt.zero_grad(set_to_none=True)
-        losses.total.backward()
+        loss.backward()
         opt.step()
         step += 1
-        with torch.no_grad():
-            used = torch.bincount(losses.codes, minlength=k) > 0
-            last_used[used] = step
-            if s.restart_every and step % s.restart_every == 0:
-                dead = (step - last_used >= s.restart_every).nonzero(as_tuple=True)[0]
-                if dead.numel():
-                    pick = torch.randint(0, losses.latents.shape[0], (dead.numel(),), generator=gen)
-                    vq.codebook.weight[dead] = losses.latents[pick].to(vq.codebook.weight.dtype)
-                    last_used[dead] = step
-        rec = {"step": step, "loss": float(losses.total.detach()), "reconstruction": float(losses.reconstruction.detach()),
-               "codebook": float(losses.codebook.detach()), "commitment": float(losses.commitment.detach()),
-               "batch_codes_used": float(used.float().mean())}
+        if after_step is not None:
+            after_step(step, gen)
+        rec = {"step": step, **rec}
         result.history.append(rec)
         if on_step is not None:
             on_step(step, rec)
         bar.update()
-        bar.set_postfix(rec=f"{rec['reconstruction']:.4f}", used=f"{rec['batch_codes_used']:.2f}", refresh=False)
+        bar.set_postfix(rec=f"{rec['reconstruction']:.4f}", refresh=False)
     bar.close()
-    vq.eval()
+    model.eval()
     result.steps = step
     result.seconds = time.monotonic() - t0
     return result
 
 
+def train_vq(vq: torch.nn.Module, images: ImageSet, s: TrainSettings, progress: bool = True,
+             on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train `vq` in place on `images` (uint8) until the minutes or the steps run out."""
+    k = vq.cfg.codebook_size
+    last_used = torch.zeros(k, dtype=torch.long)
+    latest: dict[str, VQLosses] = {}
+
+    def batch_loss(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        losses, _ = vq_losses(vq, x, s.beta, s.edge_weight)
+        latest["losses"] = losses
+        used = torch.bincount(losses.codes, minlength=k) > 0
+        return losses.total, {"loss": float(losses.total.detach()), "reconstruction": float(losses.reconstruction.detach()),
+                              "codebook": float(losses.codebook.detach()), "commitment": float(losses.commitment.detach()),
+                              "batch_codes_used": float(used.float().mean())}
+
+    @torch.no_grad()
+    def restart_dead_codes(step: int, gen: torch.Generator) -> None:
+        losses = latest["losses"]
+        last_used[torch.bincount(losses.codes, minlength=k) > 0] = step
+        if s.restart_every and step % s.restart_every == 0:
+            dead = (step - last_used >= s.restart_every).nonzero(as_tuple=True)[0]
+            if dead.numel():
+                pick = torch.randint(0, losses.latents.shape[0], (dead.numel(),), generator=gen)
+                vq.codebook.weight[dead] = losses.latents[pick].to(vq.codebook.weight.dtype)
+                last_used[dead] = step
+
+    return _train_loop(vq, images, s, batch_loss, restart_dead_codes, progress, on_step)
+
+
+# ---- the VAE objective (JanusFlow's kind) --------------------------------------------------------
+
+
+def tiny_vae(latent_channels: int = 4, downsample: int = 8, width: int = 32, sample_size: int = 64):
+    """diffusers' `AutoencoderKL` (the SDXL-VAE's class) at a small width: the same encode /
+    latent_dist / decode code paths as the real one. `downsample` = 2 ** (levels - 1)."""
+    from diffusers import AutoencoderKL
+
+    levels = int(math.log2(downsample)) + 1
+    if 2 ** (levels - 1) != downsample:
+        raise ValueError(f"downsample={downsample} must be a power of two")
+    channels = tuple(width * min(2 ** (i // 2), 2) for i in range(levels))
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                         block_out_channels=channels, norm_num_groups=min(8, width), sample_size=sample_size,
+                         scaling_factor=1.0)
+
+
+def vae_losses(vae: torch.nn.Module, x: torch.Tensor, kl_weight: float, edge_weight: float,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The VQ's pixel losses on a decoded posterior sample, plus kl_weight x KL(q(z|x) || N(0, I))
+    summed over a sample's latent and divided by its pixel values (the SD-VAE's balance, with
+    the pixel terms as means)."""
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample(generator=generator)).sample
+    rec = F.mse_loss(recon, x) + F.l1_loss(recon, x) + edge_weight * _edge_loss(recon, x)
+    kl = posterior.kl().mean() / x[0].numel()
+    total = rec + kl_weight * kl
+    return total, {"loss": float(total.detach()), "reconstruction": float(rec.detach()), "kl": float(kl.detach())}
+
+
+def train_vae(vae: torch.nn.Module, images: ImageSet, s: TrainSettings, kl_weight: float = 1e-4, progress: bool = True,
+              on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train a diffusers `AutoencoderKL` in place; then set its `scaling_factor` to 1 / the std of
+    the training images' latent means (how SD's VAEs set theirs), so scaled latents have unit
+    variance, as rectified flow's noise does."""
+    gen = torch.Generator().manual_seed(s.seed + 2)
+    result = _train_loop(vae, images, s, lambda x: vae_losses(vae, x, kl_weight, s.edge_weight, gen), None, progress, on_step)
+    with torch.no_grad():
+        sample = images.pixels[: min(len(images), 512)]
+        means = torch.cat([vae.encode(to_model_range(sample[i : i + 64])).latent_dist.mean for i in range(0, sample.shape[0], 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / means.std().clamp(min=1e-6)))
+    return result
+
+
+def _is_vq(model: torch.nn.Module) -> bool:
+    return hasattr(model, "encode_codes")
+
+
 @torch.no_grad()
-def reconstruct(vq: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, torch.Tensor]:
-    """(uint8 reconstructions [N, S, S, 3], codes [N, h*w]) through encode_codes/decode_codes:
-    exactly the path pre-tokenisation and sampling take."""
-    out, codes = [], []
+def reconstruct(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, torch.Tensor]:
+    """(uint8 reconstructions [N, S, S, 3], codes [N, h*w] or latent means [N, C, h, w]) through
+    exactly the path pre-tokenisation and sampling take: encode_codes/decode_codes for a VQ, the
+    posterior mean and decode for a VAE."""
+    out, enc = [], []
     for i in range(0, pixels.shape[0], batch_size):
-        c = vq.encode_codes(to_model_range(pixels[i : i + batch_size]))
-        out.append(to_uint8(vq.decode_codes(c)))
-        codes.append(c)
-    return np.concatenate(out), torch.cat(codes)
+        x = to_model_range(pixels[i : i + batch_size])
+        if _is_vq(model):
+            c = model.encode_codes(x)
+            out.append(to_uint8(model.decode_codes(c)))
+        else:
+            c = model.encode(x).latent_dist.mean
+            out.append(to_uint8(model.decode(c).sample))
+        enc.append(c)
+    return np.concatenate(out), torch.cat(enc)
 
 
-def reconstruction_report(vq: torch.nn.Module, held_out: ImageSet, scorer: str | None = None) -> dict[str, Any]:
-    """Held-out reconstruction quality, codebook use, and (with a scorer and captions) how
-    often the scorer recognises the captioned shape and colour in originals and reconstructions."""
-    recon, codes = reconstruct(vq, held_out.pixels)
+def reconstruction_report(model: torch.nn.Module, held_out: ImageSet, scorer: str | None = None) -> dict[str, Any]:
+    """Held-out reconstruction quality, codebook use (VQ) or latent statistics (VAE), and (with a
+    scorer and captions) how often the scorer recognises the captioned shape and colour in
+    originals and reconstructions."""
+    recon, enc = reconstruct(model, held_out.pixels)
     orig = held_out.pixels.permute(0, 2, 3, 1).numpy()
     mse = float(((recon.astype(np.float64) - orig) ** 2).mean())
-    counts = torch.bincount(codes.reshape(-1), minlength=vq.cfg.codebook_size).double()
-    p = counts / counts.sum()
-    report: dict[str, Any] = {
-        "images": len(held_out),
-        "mse": mse,
-        "psnr_db": 10 * math.log10(255.0**2 / max(mse, 1e-12)),
-        "codebook_used": float((counts > 0).double().mean()),
-        "codebook_perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
-    }
+    report: dict[str, Any] = {"images": len(held_out), "mse": mse, "psnr_db": 10 * math.log10(255.0**2 / max(mse, 1e-12))}
+    if _is_vq(model):
+        counts = torch.bincount(enc.reshape(-1), minlength=model.cfg.codebook_size).double()
+        p = counts / counts.sum()
+        report.update(codebook_used=float((counts > 0).double().mean()),
+                      codebook_perplexity=float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
+    else:
+        scale = float(model.config.scaling_factor)
+        report.update(latent_shape=list(enc.shape[1:]), latent_mean=float(enc.mean()), latent_std=float(enc.std()),
+                      scaling_factor=scale, scaled_latent_std=float(enc.std() * scale))
     if scorer is not None:
         from janus_train.eval.scorers import get_scorer
 

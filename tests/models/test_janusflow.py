@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -208,3 +210,50 @@ def test_summary_counts_every_part():
     model = JanusFlowModel(JanusFlowConfig.from_preset("janusflow_tiny"))
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["und_begin"] == model.config.llm.hidden_size and counts["repa_proj"] > 0
+
+
+# ---- checkpoints: the tiny release-layout checkpoint, convert, load ----------------------------
+
+
+def test_tiny_release_checkpoint_converts_and_loads(tmp_path):
+    from janus_train.checkpoint.io import detect_format, load_pretrained, read_checkpoint
+    from janus_train.convert import convert
+
+    r = subprocess.run([sys.executable, "-m", "janus_train.tools.make_tiny_checkpoint", str(tmp_path / "rel"), "--family", "janusflow"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rel = tmp_path / "rel"
+    d = json.loads((rel / "config.json").read_text())
+    assert {"language_config", "vision_und_enc_config", "vision_gen_enc_config", "vision_gen_dec_config"} <= set(d)
+    assert detect_format(rel) == "deepseek" and (rel / "tokenizer.json").is_file()
+    cfg, sd = read_checkpoint(rel)
+    assert isinstance(cfg, JanusFlowConfig) and not any(k.startswith("repa_proj") for k in sd)
+    # release -> native -> release: every tensor bitwise, the tokenizer carried along.
+    convert(rel, "deepseek", tmp_path / "nat", "native")
+    convert(tmp_path / "nat", "native", tmp_path / "rel2", "deepseek")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(rel / "model.safetensors")), load_file(str(tmp_path / "rel2" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "rel2" / "tokenizer.json").is_file()
+    # A model loads from it; the REPA projector (not in the release) is initialised, not garbage.
+    model = load_pretrained(rel)
+    assert isinstance(model, JanusFlowModel)
+    w = model.repa_proj.layers[0].weight.detach()
+    assert torch.isfinite(w).all() and 0.01 < float(w.std()) < 0.03
+    assert torch.equal(model.und_begin.detach(), sd["und_begin"])
+
+
+def test_convert_refusals(tmp_path):
+    from janus_train.checkpoint.io import CheckpointError
+    from janus_train.convert import convert
+    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    rel = make_tiny_checkpoint(tmp_path / "rel", fmt="deepseek", family="janusflow", preset="janusflow_tiny")
+    with pytest.raises(CheckpointError, match="JanusFlow has no transformers"):
+        convert(rel, "deepseek", tmp_path / "hf", "hf")
+    with pytest.raises(ValueError, match="generates through a VAE"):
+        make_tiny_checkpoint(tmp_path / "x", fmt="deepseek", family="janusflow", preset="janusflow_tiny", vq=tmp_path)
+    pro = make_tiny_checkpoint(tmp_path / "pro", fmt="hf")
+    with pytest.raises(CheckpointError, match="for JanusFlow only"):
+        convert(pro, "hf", tmp_path / "pro_ds", "deepseek")

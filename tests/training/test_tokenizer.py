@@ -82,3 +82,51 @@ def test_cli_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "janus_train.tools.train_tokenizer", "--data", str(tmp_path / "empty"), "--out",
                         str(tmp_path / "o"), "--steps", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no readable images" in r.stderr
+
+
+# ---- the VAE kind (JanusFlow) -------------------------------------------------------------------
+
+
+def test_vae_loss_falls_and_sets_its_scaling_factor(image_folder):
+    images = tk.load_images(image_folder, 64, progress=False)
+    torch.manual_seed(0)
+    vae = tk.tiny_vae(latent_channels=4, downsample=8, width=16, sample_size=64)
+    result = tk.train_vae(vae, images, tk.TrainSettings(minutes=None, steps=30, batch_size=8, lr=2e-3), progress=False)
+    first = np.mean([h["reconstruction"] for h in result.history[:5]])
+    last = np.mean([h["reconstruction"] for h in result.history[-5:]])
+    assert result.steps == 30 and last < first and all(h["kl"] >= 0 for h in result.history)
+    with torch.no_grad():
+        means = vae.encode(tk.to_model_range(images.pixels)).latent_dist.mean
+    assert means.shape == (48, 4, 8, 8)
+    # Scaled latents have unit spread on the training images (the flow's noise is N(0, I)).
+    assert abs(float(means.std()) * vae.config.scaling_factor - 1.0) < 0.1
+
+
+def test_vae_cli_writes_a_diffusers_autoencoder(image_folder, tmp_path):
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "vae"
+    r = subprocess.run([sys.executable, "-m", "janus_train.tools.train_tokenizer", "--kind", "vae", "--data", str(image_folder),
+                        "--preset", "janusflow_tiny", "--out", str(out), "--steps", "10", "--held-out", "8", "--scorer", "shapes",
+                        "--vae-width", "16", "--no-progress", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    held = report["held_out"]
+    assert report["kind"] == "vae" and report["latent_size"] == 8 and held["latent_shape"] == [4, 8, 8]
+    assert held["scorer_rate_originals"] == 1.0 and held["psnr_db"] > 0 and held["scaling_factor"] > 0
+    # A real client loads it: diffusers' own from_pretrained, as it loads the SDXL-VAE.
+    vae = AutoencoderKL.from_pretrained(str(out))
+    assert vae.config.scaling_factor == pytest.approx(held["scaling_factor"])
+    images = tk.load_images(image_folder, 64, limit=2, progress=False)
+    with torch.no_grad():
+        z = vae.encode(tk.to_model_range(images.pixels)).latent_dist.mean
+        assert tuple(vae.decode(z).sample.shape) == (2, 3, 64, 64)
+
+
+def test_vae_cli_refuses_a_janus_pro_preset(image_folder, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "janus_train.tools.train_tokenizer", "--kind", "vae", "--data", str(image_folder),
+                        "--preset", "tiny", "--out", str(tmp_path / "o"), "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--preset 'tiny' is not one of" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "janus_train.tools.train_tokenizer", "--data", str(image_folder),
+                        "--preset", "janusflow_tiny", "--out", str(tmp_path / "o"), "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--kind vae" in r.stderr

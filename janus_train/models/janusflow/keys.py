@@ -59,11 +59,18 @@ def native_shapes(cfg: JanusFlowConfig, with_training_only: bool = True) -> dict
     return shapes
 
 
+def _native_shapes_of(sd: dict[str, torch.Tensor], cfg: JanusFlowConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes a native state dict must have: with the training-only parts if it has any of
+    them (then all), without them otherwise (a model converted from the release)."""
+    has = any(k.split(".")[0] in TRAINING_ONLY for k in sd)
+    return native_shapes(cfg, with_training_only=has)
+
+
 def to_native(external: dict[str, torch.Tensor], cfg: JanusFlowConfig, fmt: str) -> dict[str, torch.Tensor]:
     """An external (or native) state dict -> a checked native one. From the release, the
     training-only parts are absent (the caller keeps their fresh initialisation)."""
     if fmt == "native":
-        return check_native(dict(external), native_shapes(cfg))
+        return check_native(dict(external), _native_shapes_of(external, cfg))
     return TABLE.to_native(external, native_shapes(cfg, with_training_only=False), fmt)
 
 
@@ -71,8 +78,8 @@ def from_native(native: dict[str, torch.Tensor], cfg: JanusFlowConfig, fmt: str)
     """A native state dict -> the external (or native) one, checked first; the release format
     drops the training-only parts."""
     native = {k: v for k, v in native.items() if not (cfg.llm.tie_word_embeddings and k == "lm_head.weight")}
+    check_native(native, _native_shapes_of(native, cfg))
     if fmt == "native":
-        return dict(check_native(native, native_shapes(cfg)))
-    check_native(native, native_shapes(cfg))
+        return dict(native)
     kept = {k: v for k, v in native.items() if k.split(".")[0] not in TRAINING_ONLY}
     return TABLE.from_native(kept, native_shapes(cfg, with_training_only=False), fmt)

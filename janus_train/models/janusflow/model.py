@@ -28,7 +28,7 @@ from torch import nn
 
 from janus_train.models.attention import PackedDocs
 from janus_train.models.heads import MLPProjector, per_token_cross_entropy
-from janus_train.models.janusflow.config import COMPONENTS, JanusFlowConfig
+from janus_train.models.janusflow.config import COMPONENTS, TRAINING_ONLY, JanusFlowConfig
 from janus_train.models.janusflow.uvit import FlowDecoder, FlowEncoder
 from janus_train.models.llm import LanguageModel, RMSNorm
 from janus_train.models.siglip import SigLIPVisionTower
@@ -124,6 +124,16 @@ class JanusFlowModel(nn.Module):
             for name, p in self.named_parameters():
                 if ".channelwise_norm." in name:
                     p.zero_()
+
+    def init_training_only(self, std: float = 0.02, seed: int = 0) -> None:
+        """Fresh weights for the parts a release checkpoint lacks (the REPA projector)."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name in TRAINING_ONLY:
+                for module in getattr(self, name).modules():
+                    if isinstance(module, nn.Linear):
+                        module.weight.copy_((torch.randn(module.weight.shape, generator=gen) * std).to(module.weight.dtype))
+                        module.bias.zero_()
 
     # ---- pathways ------------------------------------------------------------------------
     def embed_und_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
