@@ -28,6 +28,9 @@ import orjson
 
 IMAGE_PARTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 CODES_PART = "codes.npy"
+# JanusFlow gen samples: the VAE posterior of the image (data_pipelines.pretokenize_vae).
+LATENT_MEAN_PART = "latent_mean.npy"
+LATENT_STD_PART = "latent_std.npy"
 PROMPT_IDS_PART = "prompt_ids.npy"
 
 # Why a sample was skipped. Counted per source in loader.stats() and in build reports.
