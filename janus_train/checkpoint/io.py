@@ -306,17 +306,14 @@ def load_tokenizer(path: str | Path):
 TOKENIZER_MARKER = "janus_train_tokenizer"
 
 
-def write_tokenizer_checkpoint(path: str | Path, kind: str, config: dict, image_size: int, state_dict: dict[str, torch.Tensor],
-                               extra_files: dict[str, bytes] | None = None, info: dict | None = None) -> Path:
-    """A trained image tokenizer: config.json {"format", "kind", "image_size", "config", "info"} +
-    model.safetensors (the tokenizer module's own keys), written atomically."""
+def _write_dir_atomically(path: str | Path, fill, extra_files: dict[str, bytes] | None) -> Path:
+    """`fill(tmp)` writes a directory's content into a temporary sibling, the extra files are
+    added, and the result replaces `path` by a rename (a crash leaves no half-written `path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        meta = {"format": TOKENIZER_MARKER, "kind": kind, "image_size": image_size, "config": config, "info": info or {}}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fill(tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         tmp.chmod(0o755)
@@ -327,26 +324,25 @@ def write_tokenizer_checkpoint(path: str | Path, kind: str, config: dict, image_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_tokenizer_checkpoint(path: str | Path, kind: str, config: dict, image_size: int, state_dict: dict[str, torch.Tensor],
+                               extra_files: dict[str, bytes] | None = None, info: dict | None = None) -> Path:
+    """A trained image tokenizer: config.json {"format", "kind", "image_size", "config", "info"} +
+    model.safetensors (the tokenizer module's own keys), written atomically."""
+
+    def fill(tmp: Path) -> None:
+        meta = {"format": TOKENIZER_MARKER, "kind": kind, "image_size": image_size, "config": config, "info": info or {}}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    return _write_dir_atomically(path, fill, extra_files)
 
 
 def write_vae_checkpoint(path: str | Path, vae: torch.nn.Module, extra_files: dict[str, bytes] | None = None) -> Path:
     """A trained diffusers `AutoencoderKL` in diffusers' own layout (`AutoencoderKL.from_pretrained`
     loads it, as it loads the SDXL-VAE), plus our report files, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        vae.save_pretrained(str(tmp), safe_serialization=True)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        tmp.chmod(0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return _write_dir_atomically(path, lambda tmp: vae.save_pretrained(str(tmp), safe_serialization=True), extra_files)
 
 
 def read_tokenizer_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

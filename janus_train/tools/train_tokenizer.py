@@ -46,15 +46,27 @@ def _settings(args: argparse.Namespace) -> tk.TrainSettings:
                             lr=args.lr, seed=args.seed, restart_every=args.restart_every)
 
 
+def _split_images(args: argparse.Namespace, size: int) -> tuple[tk.ImageSet, tk.ImageSet]:
+    """(training images, the last --held-out ones) of --data at the model's image size."""
+    images = tk.load_images(args.data, size, args.max_images, progress=not args.no_progress)
+    if len(images) <= args.held_out:
+        raise ValueError(f"--data has {len(images)} images, not more than --held-out {args.held_out}")
+    return images.split(args.held_out)
+
+
+def _report_files(model: torch.nn.Module, held_out: tk.ImageSet, report: dict) -> dict[str, bytes]:
+    """report.json and recon.png (16 held-out originals above their reconstructions)."""
+    recon, _ = tk.reconstruct(model, held_out.pixels[:16])
+    return {"report.json": (json.dumps(report, indent=2) + "\n").encode(),
+            "recon.png": tk.png_bytes(tk.comparison_grid(held_out.pixels, recon))}
+
+
 def train_vae(args: argparse.Namespace) -> dict:
     if args.preset not in FLOW_PRESETS:
         raise ValueError(f"--kind vae trains a JanusFlow preset's VAE; --preset {args.preset!r} is not one of {sorted(FLOW_PRESETS)}")
     cfg = JanusFlowConfig.from_preset(args.preset, parse_overrides(args.override))
     size = cfg.image_size
-    images = tk.load_images(args.data, size, args.max_images, progress=not args.no_progress)
-    if len(images) <= args.held_out:
-        raise ValueError(f"--data has {len(images)} images, not more than --held-out {args.held_out}")
-    train_set, held_out = images.split(args.held_out)
+    train_set, held_out = _split_images(args, size)
     vae = tk.tiny_vae(cfg.flow.latent_channels, cfg.flow.vae_downsample, args.vae_width, size)
     result = tk.train_vae(vae, train_set, _settings(args), kl_weight=args.kl_weight, progress=not args.no_progress)
     report = {
@@ -64,10 +76,7 @@ def train_vae(args: argparse.Namespace) -> dict:
         "final_train_loss": result.history[-1] if result.history else None,
         "held_out": tk.reconstruction_report(vae, held_out, args.scorer),
     }
-    recon, _ = tk.reconstruct(vae, held_out.pixels[:16])
-    files = {"report.json": (json.dumps(report, indent=2) + "\n").encode(),
-             "recon.png": tk.png_bytes(tk.comparison_grid(held_out.pixels, recon))}
-    write_vae_checkpoint(args.out, vae, files)
+    write_vae_checkpoint(args.out, vae, _report_files(vae, held_out, report))
     return report
 
 
@@ -81,10 +90,7 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError(f"--preset {args.preset!r} is a JanusFlow preset: it generates through a VAE (--kind vae)")
     cfg = JanusConfig.from_preset(args.preset, parse_overrides(args.override))
     size = cfg.gen_image_size
-    images = tk.load_images(args.data, size, args.max_images, progress=not args.no_progress)
-    if len(images) <= args.held_out:
-        raise ValueError(f"--data has {len(images)} images, not more than --held-out {args.held_out}")
-    train_set, held_out = images.split(args.held_out)
+    train_set, held_out = _split_images(args, size)
     vq = VQTokenizer(cfg.vq)
     result = tk.train_vq(vq, train_set, _settings(args), progress=not args.no_progress)
     report = {
@@ -93,10 +99,8 @@ def train(args: argparse.Namespace) -> dict:
         "seconds": round(result.seconds, 1), "final_train_loss": result.history[-1] if result.history else None,
         "held_out": tk.reconstruction_report(vq, held_out, args.scorer),
     }
-    recon, _ = tk.reconstruct(vq, held_out.pixels[:16])
-    files = {"report.json": (json.dumps(report, indent=2) + "\n").encode(),
-             "recon.png": tk.png_bytes(tk.comparison_grid(held_out.pixels, recon))}
-    write_tokenizer_checkpoint(args.out, "vq", cfg.to_dict()["vq"], size, vq.state_dict(), files, info={"preset": args.preset})
+    write_tokenizer_checkpoint(args.out, "vq", cfg.to_dict()["vq"], size, vq.state_dict(), _report_files(vq, held_out, report),
+                               info={"preset": args.preset})
     return report
 
 
