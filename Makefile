@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo docker-check clean
+.PHONY: install test test-fast demo demo-flow docker-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test-fast: install
 
 demo: install
 	$(PY) -m janus_train.tools.demo $(DEMO_ARGS)
+
+# The JanusFlow demo (rectified flow, a tiny VAE trained first): docs/janusflow.md#the-demo.
+demo-flow: install
+	$(PY) -m janus_train.tools.demo --recipe janusflow_tiny_demo --out demo_out/janusflow $(DEMO_ARGS)
 
 # Checks the Dockerfile without a Docker daemon: BuildKit's parser, plus consistency with
 # setup.py's extras and this Makefile's torch pin (tests/cluster/test_docker.py).

@@ -1,4 +1,4 @@
-"""Ask a Janus checkpoint about an image.
+"""Ask a Janus checkpoint (Janus-Pro or JanusFlow) about an image.
 
     python -m janus_train.chat --ckpt DIR --image FILE --question TEXT [--max-new-tokens N]
                                [--temperature T] [--no-system-prompt] [--device D] [--dtype fp32|bf16|fp16]

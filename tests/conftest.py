@@ -70,6 +70,24 @@ def shapes_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def flow_shapes_root(tmp_path_factory):
+    """The shapes world for JanusFlow: a tiny release-layout init (flow_init), a small random
+    diffusers VAE (vae) and shards whose gen samples hold that VAE's latents."""
+    from janus_train.tools.demo_assets import build_shapes_dataset
+    from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    from janus_train.training.tokenizer import tiny_vae
+
+    root = tmp_path_factory.mktemp("flow_shapes")
+    make_tiny_checkpoint(root / "flow_init", fmt="deepseek", family="janusflow", preset="janusflow_tiny", seed=0, init_std=0.02)
+    torch.manual_seed(0)
+    vae = tiny_vae(latent_channels=4, downsample=8, width=8, sample_size=64)
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(str(root / "vae"))
+    build_shapes_dataset(root, root / "flow_init", num_samples=160, image_size=96, seed=0, workers=2, vae=root / "vae")
+    return root
+
+
 # ---- training runs through the real entry point ------------------------------------------------
 
 
@@ -116,6 +134,41 @@ def engine_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
         "data.sharding=global",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=8",  # every checkpoint stays: tests resume from several
+        "checkpoint.export_hf=false",
+        "parallel.zero_stage=2",
+        "parallel.dtype=fp32",
+        *extra,
+    ]
+
+
+FLOW_ENGINE_STEPS = 4
+
+
+def flow_engine_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`engine_overrides` for JanusFlow: the janusflow_tiny_demo recipe on the session's
+    `flow_shapes_root`, quiet, stage 2 alone (und:text:gen 2:1:5, 8 rows a step), 4 steps, a
+    checkpoint every 2 (all kept), ZeRO-2, fp32, `data.sharding=global`."""
+    return [
+        "+recipe=janusflow_tiny_demo",
+        "model=janusflow_tiny",
+        "eval.data=null",
+        f"data.root={root}",
+        f"model.init_from={root / 'flow_init'}",
+        f"model.vae={root / 'vae'}",
+        f"run_dir={run_dir}",
+        "demo_assets.build=false",
+        "logging.progress=false",
+        "logging.wandb.enabled=false",
+        "logging.sample_every=0",
+        "data.num_workers=0",
+        "train.stages.stage1.enabled=false",
+        "train.stages.stage3.enabled=false",
+        f"train.stages.stage2.steps={FLOW_ENGINE_STEPS}",
+        "train.stages.stage2.ratio=2:1:5",
+        "train.stages.stage2.global_batch=8",
+        "data.sharding=global",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=8",
         "checkpoint.export_hf=false",
         "parallel.zero_stage=2",
         "parallel.dtype=fp32",
@@ -185,7 +238,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def trainer_tools():
-    return types.SimpleNamespace(base=base_overrides, engine=engine_overrides, run=run_train, checked=checked_run, metrics=read_metrics,
+    return types.SimpleNamespace(base=base_overrides, engine=engine_overrides, flow_engine=flow_engine_overrides, run=run_train, checked=checked_run, metrics=read_metrics,
                                  wait_for=wait_for, signal_group=signal_group)
 
 

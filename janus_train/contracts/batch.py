@@ -38,14 +38,27 @@ class PackedBatch:
                                    IGNORE_INDEX (-100) where there is no loss.
       loss_task       long [R, S]  TASK_ID of the label at i (0 und, 1 text, 2 gen), NO_TASK (-1)
                                    where labels == IGNORE_INDEX.
-      gen_input_mask  bool [R, S]  positions embedded by gen_embed + gen_aligner.
+      gen_input_mask  bool [R, S]  positions embedded by the generation input path: VQ codes
+                                   (gen_embed + gen_aligner) for Janus-Pro; the G latent tokens
+                                   of each gen document (generation encoder) for JanusFlow.
       und_image_mask  bool [R, S]  positions replaced by aligned SigLIP features; in row-major
                                    order they consume image 0's tokens, then image 1's, ...
+                                   (JanusFlow: the <begin_of_image> position too, which takes
+                                   its learned begin embedding).
       und_pixel_values uint8 [N, 3, H, W] or None  the und images, padded to square, not yet
                                    normalised: the vision tower normalises uint8 pixels on the
                                    device (a float tensor is taken as already normalised).
       meta            dict         not used by the model: sample keys, sources, counts (for
                                    logging, skip accounting and resume checks).
+
+    JanusFlow only (None for Janus-Pro), M gen documents in row-major order:
+      gen_time_mask   bool [R, S]  the time-embedding position of each gen document.
+      gen_latents     float [M, C, h, w]  clean latents x1, drawn from the stored posterior and
+                                   multiplied by the VAE's scaling factor.
+      gen_noise       float [M, C, h, w]  z0 ~ N(0, 1).
+      gen_t           float [M]    flow time, z_t = t x1 + (1 - t) z0.
+      gen_repa_pixels uint8 [M, 3, H, W] or None  each gen image at SigLIP's preprocessing, for
+                                   representation alignment.
     """
 
     input_ids: torch.Tensor
@@ -58,6 +71,19 @@ class PackedBatch:
     und_image_mask: torch.Tensor
     und_pixel_values: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    gen_time_mask: torch.Tensor | None = None
+    gen_latents: torch.Tensor | None = None
+    gen_noise: torch.Tensor | None = None
+    gen_t: torch.Tensor | None = None
+    gen_repa_pixels: torch.Tensor | None = None
+
+    @property
+    def is_flow(self) -> bool:
+        return self.gen_time_mask is not None
+
+    @property
+    def num_gen_docs(self) -> int:
+        return 0 if self.gen_latents is None else int(self.gen_latents.shape[0])
 
     @property
     def num_rows(self) -> int:
@@ -87,6 +113,16 @@ class PackedBatch:
     def supervised_tokens(self) -> dict[str, int]:
         """Number of supervised tokens per task in this batch."""
         return {name: int((self.loss_task == tid).sum()) for name, tid in TASK_ID.items()}
+
+    def loss_counts(self) -> dict[str, int]:
+        """The normaliser of every loss the model reports for this batch: supervised tokens per
+        task; for JanusFlow also latent elements (flow) and latent tokens aligned (repa)."""
+        counts = self.supervised_tokens()
+        if self.is_flow:
+            m = self.num_gen_docs
+            counts["flow"] = 0 if not m else int(self.gen_latents[0].numel()) * m
+            counts["repa"] = int(self.gen_input_mask.sum()) if self.gen_repa_pixels is not None else 0
+        return counts
 
     def validate(self, num_image_tokens: int | None = None) -> None:
         """Check the invariants above; raises ValueError naming the broken field."""
@@ -138,6 +174,12 @@ class Doc:
     target[i] says whether ids[i] is a loss target (predicted from position i-1), so
     target[0] is always False. und docs carry their images as `pixels` [n, 3, H, W]: uint8
     from the loader (normalised on the device), or float already normalised.
+
+    JanusFlow gen docs: ids = BOS, prompt, time slot (at gen_start), G latent slots; no targets.
+    `latent` holds the stored posterior (fp16 [2, C, h, w]: mean, std), `flow` the draw the
+    loader made from it (x1, z0, t), `pixels` the image for REPA. `position_skip` k > 0 makes
+    positions 0, k+1, k+2, ...: a document whose prompt was dropped for CFG keeps the RoPE
+    positions of the full one, exactly as the sampler hides the prompt from the attention.
     """
 
     key: str
@@ -146,6 +188,9 @@ class Doc:
     target: np.ndarray  # bool [L]
     gen_start: int  # first code position; == L when the doc has no codes
     pixels: np.ndarray | None = None
+    position_skip: int = 0
+    latent: np.ndarray | None = None
+    flow: tuple[np.ndarray, np.ndarray, float] | None = None
     source: int = 0  # index of the source within its task
     pos: tuple[int, int] = (0, 0)  # where the stream found it (slice number, offset)
     seq: int = 0  # arrival number in its source's buffer
@@ -195,8 +240,10 @@ def collate(
     image_token_id: int,
     source_names: dict[int, list[str]] | None = None,
     meta: dict[str, Any] | None = None,
+    flow: bool = False,
 ) -> PackedBatch:
-    """Lay the rows' documents end to end and build every PackedBatch field."""
+    """Lay the rows' documents end to end and build every PackedBatch field (`flow`: the
+    JanusFlow fields, from gen documents that carry their `flow` draw)."""
     n_rows = len(rows)
     total = n_rows * seq_len
     id_parts: list[np.ndarray] = []
@@ -204,20 +251,28 @@ def collate(
     lengths: list[int] = []
     doc_tasks: list[int] = []
     images: list[Any] = []
+    gen_docs: list[tuple[int, Doc]] = []  # (flat start, doc) of JanusFlow gen documents
+    skips: list[tuple[int, int, int]] = []  # (flat start, length, skip) of docs with a position skip
     keys: list[list[str]] = []
     sources: list[list[str]] = []
     pad_ids, no_target, arange = _constants(seq_len, pad_id, total)
     used_total = 0
+    gen_task = TASK_ID["gen"]
     for r, row in enumerate(rows):
         used = 0
         for d in row.docs:
+            start = r * seq_len + used
             id_parts.append(d.ids)
             target_parts.append(d.target)
             lengths.append(d.n)
             doc_tasks.append(d.task)
             used += d.n
-            if d.pixels is not None:
+            if flow and d.task == gen_task:
+                gen_docs.append((start, d))
+            elif d.pixels is not None:
                 images.append(d.pixels)
+            if d.position_skip:
+                skips.append((start, d.n, d.position_skip))
         if used > seq_len:
             raise ValueError(f"row {r} holds {used} tokens > seq_len {seq_len}")
         if used < seq_len:  # the padding tail is a document of its own
@@ -235,6 +290,8 @@ def collate(
     cu = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(len_arr, out=cu[1:])
     positions = arange - np.repeat(cu[:-1], len_arr)
+    for start, n, skip in skips:
+        positions[start + 1 : start + n] += skip
     labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
     # BOS and padding are never targets, so a shifted label never crosses a document.
     np.copyto(labels[:-1], ids[1:], where=target[1:])
@@ -242,17 +299,38 @@ def collate(
     # The task of every token: its document's (padding: NO_TASK).
     token_task = np.repeat(np.asarray(doc_tasks, dtype=np.int64), len_arr)
     loss_task = np.where(labels != IGNORE_INDEX, token_task, NO_TASK).reshape(shape)
-    # In gen documents the targets are exactly the code positions (code k is predicted from
-    # k-1, code 0 from <begin_of_image>); other documents hold no codes.
-    gen = (target & (token_task == TASK_ID["gen"])).reshape(shape)
     if TASK_ID["und"] in doc_tasks:
-        und = ((ids == image_token_id) & (token_task == TASK_ID["und"])).reshape(shape)
+        und = (ids == image_token_id) & (token_task == TASK_ID["und"])
+        if flow:  # the position before each image's run holds JanusFlow's begin embedding
+            und[:-1] |= und[1:] & ~und[:-1]
+        und = und.reshape(shape)
     else:  # no und document: skip a full-batch compare
         und = np.zeros(shape, dtype=bool)
+    flow_fields: dict[str, Any] = {}
+    if flow:
+        time_mask = np.zeros(total, dtype=bool)
+        gen = np.zeros(total, dtype=bool)
+        for start, d in gen_docs:
+            time_mask[start + d.gen_start] = True
+            gen[start + d.gen_start + 1 : start + d.n] = True
+        gen = gen.reshape(shape)
+        flow_fields["gen_time_mask"] = torch.from_numpy(time_mask.reshape(shape))
+        if gen_docs:
+            if any(d.flow is None for _, d in gen_docs):
+                raise ValueError("a JanusFlow gen document reached collate without its latent draw (Doc.flow)")
+            flow_fields["gen_latents"] = torch.from_numpy(np.stack([d.flow[0] for _, d in gen_docs]))
+            flow_fields["gen_noise"] = torch.from_numpy(np.stack([d.flow[1] for _, d in gen_docs]))
+            flow_fields["gen_t"] = torch.tensor([float(d.flow[2]) for _, d in gen_docs], dtype=torch.float32)
+            if all(d.pixels is not None for _, d in gen_docs):
+                flow_fields["gen_repa_pixels"] = torch.from_numpy(np.concatenate([_np(d.pixels) for _, d in gen_docs]))
+    else:
+        # In gen documents the targets are exactly the code positions (code k is predicted from
+        # k-1, code 0 from <begin_of_image>); other documents hold no codes.
+        gen = (target & (token_task == gen_task)).reshape(shape)
     pix = None
     if images:
         # uint8, gathered from the decode buffers; the vision tower normalises on the device.
-        pix = torch.from_numpy(np.concatenate([p.numpy() if isinstance(p, torch.Tensor) else p for p in images]))
+        pix = torch.from_numpy(np.concatenate([_np(p) for p in images]))
     out_meta = {
         "keys": keys,
         "sources": sources,
@@ -274,4 +352,9 @@ def collate(
         und_image_mask=torch.from_numpy(und),
         und_pixel_values=pix,
         meta=out_meta,
+        **flow_fields,
     )
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else x

@@ -136,6 +136,10 @@ class DataConfig(DataSettings):
     """The loader's whole configuration: the run's settings plus the stage's mix and layout."""
 
     ratio: Ratio  # und:text:gen rows per step; a 0 turns a task off
+    # Earlier phases of the stage with their own ratio: [[until_step, ratio], ...], ascending;
+    # steps < until_step use that ratio, later steps `ratio` (JanusFlow's stage 2 starts at
+    # 30:50:20 for 10,000 steps). Empty: one ratio for the whole stage.
+    ratio_phases: list[tuple[Int, Ratio]] = []
     global_batch: Int = Field(ge=1)  # packed rows per optimizer step, all ranks together
     micro_batch_rows: Int = Field(1, ge=1)  # rows per micro-batch per rank
     # The engine passes dp_rank/dp_size to build_train_loader; these are for tools (inspect).
@@ -152,7 +156,21 @@ class DataConfig(DataSettings):
         for task, share in zip(TASKS, self.ratio):
             if share > 0 and not getattr(self, task):
                 raise ConfigError(f"data.{task}", f"data.ratio gives {task} a share of {share:g} but lists no sources")
+        until = [u for u, _ in self.ratio_phases]
+        if any(u < 1 for u in until) or until != sorted(set(until)):
+            raise ConfigError("data.ratio_phases", f"until_step values must be >= 1 and strictly ascending, got {until}")
+        for _, r in self.ratio_phases:
+            for task, share in zip(TASKS, r):
+                if share > 0 and not getattr(self, task):
+                    raise ConfigError(f"data.{task}", f"data.ratio_phases gives {task} a share of {share:g} but lists no sources")
         return self
+
+    def ratio_at(self, step: int) -> tuple[float, float, float]:
+        """The und:text:gen ratio of the stage's step `step` (0-based)."""
+        for until, r in self.ratio_phases:
+            if step < until:
+                return r
+        return self.ratio
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -207,17 +225,38 @@ class ImageConfig:
 
     image_size: int  # und image side (SigLIP input)
     num_image_tokens: int  # und tokens per image
-    gen_image_size: int  # VQ encoder input side
-    num_gen_tokens: int  # VQ codes per gen image
-    codebook_size: int
+    gen_image_size: int  # VQ encoder / VAE input side
+    num_gen_tokens: int  # VQ codes (Janus-Pro) or latent tokens (JanusFlow) per gen image
+    codebook_size: int  # 0 for JanusFlow
+    gen_kind: str = "vq"  # "vq" (Janus-Pro: codes) or "flow" (JanusFlow: VAE latents)
+    latent_shape: tuple[int, int, int] | None = None  # JanusFlow: [C, h, w] of a stored latent
+    repa_image: bool = False  # JanusFlow: gen documents carry their image (REPA on)
+    t_logit_mean: float = 0.0  # JanusFlow: t ~ sigmoid(N(mean, std))
+    t_logit_std: float = 1.0
 
     @classmethod
     def from_model(cls, cfg: Any) -> "ImageConfig":
-        """From an ImageConfig, a dict with these keys, or a model config (JanusConfig)."""
+        """From an ImageConfig, a dict with these keys, or a model config (JanusConfig or
+        JanusFlowConfig)."""
         if isinstance(cfg, ImageConfig):
             return cfg
         if isinstance(cfg, dict):
             return cls(**cfg)
+        flow = getattr(cfg, "flow", None)
+        if flow is not None:
+            side = int(cfg.latent_size)
+            return cls(
+                image_size=int(cfg.vision.image_size),
+                num_image_tokens=int(cfg.num_image_tokens),
+                gen_image_size=int(cfg.image_size),
+                num_gen_tokens=int(cfg.num_gen_tokens),
+                codebook_size=0,
+                gen_kind="flow",
+                latent_shape=(int(flow.latent_channels), side, side),
+                repa_image=float(flow.repa_weight) > 0,
+                t_logit_mean=float(flow.t_logit_mean),
+                t_logit_std=float(flow.t_logit_std),
+            )
         grid = getattr(cfg, "gen_grid", None)
         if grid is None:
             grid = cfg.gen_image_size // cfg.vq.downsample

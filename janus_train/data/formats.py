@@ -15,6 +15,8 @@ sample is the group of tar members sharing a key (`<key>.<part>`); keys contain 
         either the image (`<key>.jpg|...`) or its VQ codes `<key>.codes.npy` (integer [N]).
         `pretokenize_vq` also writes `<key>.prompt_ids.npy` (int32 ids of the whole gen prompt,
         without BOS) with "prompt_tokenizer" in the json, so the loader need not tokenise.
+        JanusFlow: instead of codes, `<key>.latent_mean.npy` and `<key>.latent_std.npy` (fp16
+        [C, h, w], the VAE posterior, `pretokenize_vae`); the image stays for REPA.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "bad_text",  # text that is not UTF-8
     "bad_conversation",  # wrong roles, no assistant turn, image slots != images
     "bad_codes",  # codes of the wrong count or out of the codebook
+    "bad_latent",  # a stored VAE latent of the wrong shape or not finite (JanusFlow)
     "too_long",  # longer than seq_len and not truncatable (see packing rules)
 )
 

@@ -41,7 +41,7 @@ from janus_train.data.packing import TaskPacker
 from janus_train.data.shards import dataset_shards, read_janus_meta
 from janus_train.data.sources import DecodePool, SkipStats, SourcePlan, SourceStream
 from janus_train.contracts.tokens import TokenizerInfo
-from janus_train.data.tokenize import DocBuilder
+from janus_train.data.tokenize import DocBuilder, flow_draw
 
 log = logging.getLogger("janus_train.data")
 
@@ -79,8 +79,14 @@ class TrainLoader:
             truncation=cfg.truncation,
             system_prompt=system,
             jpeg_draft=cfg.jpeg_draft,
+            gen_kind=image.gen_kind,
+            latent_shape=image.latent_shape,
+            repa_image=image.repa_image,
         )
-        self.active = [t for t, share in zip(TASKS, cfg.ratio) if share > 0]
+        self.flow = image.gen_kind == "flow"
+        self.vae_scale: float | None = None  # JanusFlow: the gen sources' VAE scaling factor
+        ratios = [cfg.ratio] + [r for _, r in cfg.ratio_phases]
+        self.active = [t for i, t in enumerate(TASKS) if any(r[i] > 0 for r in ratios)]
         self.source_names: dict[int, list[str]] = {TASK_ID[t]: [s.name for s in getattr(cfg, t)] for t in TASKS}
         # Plans first: they read the shard indexes, so a bad path fails before workers start.
         plans: dict[str, list[SourcePlan]] = {}
@@ -99,6 +105,8 @@ class TrainLoader:
                         f"image size is {image.image_size}; rebuild it from the originals with "
                         f"--und-resize {image.image_size} (or without --und-resize)"
                     )
+                if task == "gen":
+                    self._check_gen_source(src.path, meta)
                 read_rank, read_size = (0, 1) if cfg.sharding == "global" else (dp_rank, dp_size)
                 plans[task].append(SourcePlan(f"{task}/{src.name}", dataset_shards(src.path), cfg.chunk_size, cfg.seed, read_rank, read_size))
         self.pool = DecodePool(builder, cfg.num_workers, cfg.worker_start_method)
@@ -118,6 +126,25 @@ class TrainLoader:
                 max_wait_steps=cfg.max_wait_steps,
             )
 
+    def _check_gen_source(self, path: str, meta: dict[str, Any]) -> None:
+        """A gen source must hold what the model family trains on: codes or VAE latents."""
+        shape = meta.get("latent_shape")
+        if not self.flow:
+            if shape is not None:
+                raise ValueError(f"data.gen source {path} holds VAE latents (pretokenize_vae), which JanusFlow trains on; "
+                                 "a Janus-Pro model needs VQ codes (data_pipelines.pretokenize_vq)")
+            return
+        scale = meta.get("vae_scaling_factor")
+        if shape is None or scale is None:
+            raise ValueError(f"data.gen source {path} has no VAE latents (its janus meta lacks latent_shape / "
+                             "vae_scaling_factor): build it with data_pipelines.pretokenize_vae")
+        if tuple(shape) != tuple(self.image.latent_shape):
+            raise ValueError(f"data.gen source {path} holds latents {list(shape)}, the model takes {list(self.image.latent_shape)}")
+        if self.vae_scale is not None and float(scale) != self.vae_scale:
+            raise ValueError(f"data.gen sources were encoded with different VAEs (scaling factors {self.vae_scale} and "
+                             f"{scale} in {path}); one run trains on one VAE's latents")
+        self.vae_scale = float(scale)
+
     # ---- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[PackedBatch]]:
         while True:
@@ -128,7 +155,7 @@ class TrainLoader:
 
     def next_step(self) -> list[PackedBatch]:
         cfg = self.cfg
-        plan = plan_step(cfg.ratio, cfg.global_batch, self.dp_size, cfg.micro_batch_rows, cfg.seed, self.step, cfg.granularity)
+        plan = plan_step(cfg.ratio_at(self.step), cfg.global_batch, self.dp_size, cfg.micro_batch_rows, cfg.seed, self.step, cfg.granularity)
         if cfg.sharding == "global":
             # Pack the whole step as one rank would, then deal rows out micro-step by
             # micro-step, rank by rank; keep ours. The step's set of rows is then
@@ -145,10 +172,20 @@ class TrainLoader:
         skipped = self.stats_.state_dict()["skipped"]
         out = []
         for j, mb_rows in enumerate(mine):
+            if self.flow:
+                self._draw_flow(mb_rows)
             meta = {"step": self.step, "micro_step": j, "task": plan.micro_step_task(j), "rank": self.dp_rank, "skipped": skipped}
-            out.append(collate(mb_rows, cfg.seq_len, self.tok.pad_id, self.tok.image_id, self.source_names, meta))
+            out.append(collate(mb_rows, cfg.seq_len, self.tok.pad_id, self.tok.image_id, self.source_names, meta, flow=self.flow))
         self.step += 1
         return out
+
+    def _draw_flow(self, rows: list[Row]) -> None:
+        """Each JanusFlow gen document's latent, noise and time, keyed by its stream position."""
+        im = self.image
+        for row in rows:
+            for d in row.docs:
+                if d.task == TASK_ID["gen"]:
+                    d.flow = flow_draw(self.cfg.seed, f"{d.source}/{d.key}", d.pos, d.latent, self.vae_scale, im.t_logit_mean, im.t_logit_std)
 
     # ---- state ------------------------------------------------------------------------------
     def _layout(self) -> dict[str, Any]:

@@ -60,6 +60,10 @@ class DecodedChunk:
     pixels: torch.Tensor | None
     # Decoding in the training process skips the columnar round trip and hands over the docs.
     docs: list[Doc | None] | None = None
+    # JanusFlow gen documents: position skips (int64 [items]) and stored latents (fp16
+    # [items with a latent, 2, C, h, w]); None for other tasks.
+    position_skips: np.ndarray | None = None
+    latents: np.ndarray | None = None
 
     def items(self) -> list[tuple[int, str, Doc | SampleError]]:
         if self.docs is not None:
@@ -68,7 +72,7 @@ class DecodedChunk:
                 for off, key, doc, err in zip(self.offsets, self.keys, self.docs, self.errors)
             ]
         out: list[tuple[int, str, Doc | SampleError]] = []
-        p = img = 0
+        p = img = lat = 0
         for i, off in enumerate(self.offsets):
             err = self.errors[i]
             if err is not None:
@@ -84,6 +88,11 @@ class DecodedChunk:
                 gen_start=int(self.gen_starts[i]),
                 pixels=pix,
             )
+            if self.position_skips is not None:
+                doc.position_skip = int(self.position_skips[i])
+            if self.latents is not None:
+                doc.latent = self.latents[lat]
+                lat += 1
             out.append((off, self.keys[i], doc))
             p += n
             img += k
@@ -102,7 +111,9 @@ class Decoder:
         wanted = None if req.wanted is None else set(req.start + o for o in req.wanted)
         raws = self.reader.read(req.shard, req.start, req.stop, None if wanted is None else wanted.__contains__)
         pixels = None
-        if req.task == "und":  # one image per und sample: decode straight into the batch buffer
+        # One image per und sample (and per JanusFlow gen sample, for REPA): decode straight
+        # into the batch buffer.
+        if req.task == "und" or (req.task == "gen" and self.builder.gen_pixels):
             side = self.builder.image_size
             pixels = torch.empty((max(1, len(raws)), 3, side, side), dtype=torch.uint8)
             if self.in_worker:
@@ -130,6 +141,7 @@ class Decoder:
             empty = np.zeros(0, np.int64)
             return DecodedChunk(offsets, keys, errors, empty, empty, empty, np.zeros(0, np.int32), np.zeros(0, bool), empty, pixels, docs=docs)
         good = [d for d in docs if d is not None]
+        flow = req.task == "gen" and self.builder.gen_kind == "flow"
         return DecodedChunk(
             offsets=offsets,
             keys=keys,
@@ -141,6 +153,8 @@ class Decoder:
             target=np.concatenate([d.target for d in good]) if good else np.zeros(0, bool),
             n_images=np.asarray([0 if d is None or d.pixels is None else d.pixels.shape[0] for d in docs], dtype=np.int64),
             pixels=pixels[:n_img] if pixels is not None and n_img else None,
+            position_skips=np.asarray([d.position_skip if d is not None else 0 for d in docs], dtype=np.int64) if flow else None,
+            latents=np.stack([d.latent for d in good]) if flow and good else None,
         )
 
 

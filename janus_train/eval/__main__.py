@@ -2,11 +2,14 @@
 
     python -m janus_train.eval --ckpt DIR --data DATA.yaml [--tasks loss,und,gen] [--num N]
         [--cfg W] [--scorer shapes] [--out DIR] [--max-new-tokens T] [--geneval-samples K]
-        [--seed S] [--device cpu|cuda] [--dtype fp32|bf16]
+        [--seed S] [--device cpu|cuda] [--dtype fp32|bf16] [--vae DIR] [--flow-steps N]
     torchrun --nproc-per-node N -m janus_train.eval ... --items N    (the ranks share the work)
 
 --ckpt: a checkpoint directory (hf, deepseek or native; e.g. from make_tiny_checkpoint or an
-export) or a training run / one of its checkpoints (its whole weights). DATA.yaml lists the
+export) or a training run / one of its checkpoints (its whole weights), Janus-Pro or JanusFlow.
+A JanusFlow checkpoint's gen samples are VAE latents: --vae names the diffusers AutoencoderKL
+directory it was trained with (required with the gen task; --flow-steps Euler steps per sample;
+--temperature does not apply). DATA.yaml lists the
 held-out sets (docs/evaluation.md): und/text/gen shard directories, an MMBench TSV, GenEval
 prompts. Writes DIR/report.json (default --out eval_out), DIR/gen_grid.png (each prompt under
 its image) and, with GenEval prompts, DIR/geneval/ in GenEval's layout. Prints the headline
@@ -26,9 +29,10 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _load(ckpt: str, device: str, dtype: torch.dtype):
+def _resolve(ckpt: str) -> Path:
+    """The model directory of --ckpt (a run or one of its checkpoints: the newest whole weights)."""
     from janus_train.checkpoint.export import resolve_checkpoint_dir
-    from janus_train.checkpoint.io import CheckpointError, detect_format, load_pretrained, load_tokenizer
+    from janus_train.checkpoint.io import CheckpointError, detect_format
 
     path = Path(ckpt)
     if not path.exists():
@@ -36,12 +40,46 @@ def _load(ckpt: str, device: str, dtype: torch.dtype):
     if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
         path = resolve_checkpoint_dir(path) / "model"
     detect_format(path)
+    return path
+
+
+def _load(path: Path, device: str, dtype: torch.dtype):
+    from janus_train.checkpoint.io import CheckpointError, load_pretrained, load_tokenizer
+
     try:
         tok = load_tokenizer(path)
     except CheckpointError:
         raise CheckpointError(f"{path}: the checkpoint has no tokenizer (tokenizer.json / tokenizer_config.json); "
                               "copy the tokenizer files of the model it was trained from into it") from None
     return load_pretrained(path, device=device, dtype=dtype), tok
+
+
+def _vae(path: str | None, config, draws: bool, device: str, dtype: torch.dtype):
+    """The VAE a JanusFlow checkpoint's gen samples need (loaded and checked before the model),
+    None when nothing is drawn; ConfigError naming --vae when it is missing, does not fit, or
+    is given for a Janus-Pro checkpoint."""
+    from janus_train.contracts.errors import ConfigError
+    from janus_train.models.janusflow.config import JanusFlowConfig
+
+    if not isinstance(config, JanusFlowConfig):
+        if path is not None:
+            raise ConfigError("--vae", "only JanusFlow decodes its samples with a VAE; --ckpt is a Janus-Pro checkpoint (its VQ is in it)")
+        return None
+    if not draws:
+        return None
+    if path is None:
+        raise ConfigError("--vae", "--ckpt is a JanusFlow checkpoint: its gen samples are VAE latents, so the gen task needs "
+                          "--vae DIR (the diffusers AutoencoderKL it was trained with); or leave gen out of --tasks")
+    from janus_train.inference.flow import check_vae, load_vae
+
+    if not Path(path).is_dir():
+        raise ConfigError("--vae", f"{path!r} is not a directory (a diffusers AutoencoderKL)")
+    try:
+        vae = load_vae(path, device=device, dtype=dtype)  # bf16 with --dtype bf16, else fp32 (as generate)
+        check_vae(vae, config)
+    except ValueError as e:
+        raise ConfigError("--vae", str(e).splitlines()[0]) from None
+    return vae
 
 
 def training_system_prompt(ckpt: str | Path) -> tuple[bool, str | None]:
@@ -75,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--geneval-samples", type=int, default=4, help="images per GenEval prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses seed + i (default 0)")
     p.add_argument("--out", default="eval_out", help="output directory (default eval_out)")
+    p.add_argument("--vae", default=None, help="JanusFlow: the diffusers AutoencoderKL directory that decodes its gen samples "
+                                               "(required with the gen task; refused for Janus-Pro)")
+    p.add_argument("--flow-steps", type=int, default=30, help="JanusFlow: Euler steps of each gen sample (default 30)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
 
-    from janus_train.checkpoint.io import CheckpointError
+    from janus_train.checkpoint.io import CheckpointError, read_config
     from janus_train.contracts.errors import ConfigError
     from janus_train.eval.config import EvalData, EvalSettings, parse_tasks
     from janus_train.eval.harness import EvalContext, Evaluator, summary
@@ -98,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
             get_scorer(args.scorer)
         settings = EvalSettings(tasks=tasks, num=args.num, cfg=args.cfg, temperature=args.temperature, scorer=args.scorer,
-                                max_new_tokens=args.max_new_tokens, geneval_samples=args.geneval_samples, seed=args.seed)
+                                max_new_tokens=args.max_new_tokens, geneval_samples=args.geneval_samples, seed=args.seed,
+                                flow_steps=args.flow_steps)
         data = EvalData.from_yaml(args.data)
         found, prompt = training_system_prompt(args.ckpt)
         if found:
@@ -108,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             from janus_train.eval.harness import read_mmbench
 
             read_mmbench(data.mmbench)  # the columns, before any model is loaded
-        model, tok = _load(args.ckpt, args.device, DTYPES[args.dtype])
+        path = _resolve(args.ckpt)
+        vae = _vae(args.vae, read_config(path), "gen" in tasks and bool(data.gen or data.geneval), args.device, DTYPES[args.dtype])
+        model, tok = _load(path, args.device, DTYPES[args.dtype])
     except (ConfigError, CheckpointError) as e:
         return fail(str(e))
     except ValueError as e:  # pydantic settings errors and bad scorer names
@@ -120,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         info = init_distributed()
         dist_ctx.rank, dist_ctx.world = info.rank, info.world_size
     try:
-        report = Evaluator(model, tok, data, settings, dist_ctx).run(args.out)
+        report = Evaluator(model, tok, data, settings, dist_ctx, vae=vae).run(args.out)
     except ConfigError as e:
         return fail(str(e))
     finally:

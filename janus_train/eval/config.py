@@ -4,7 +4,8 @@ An eval data file (YAML; relative paths are relative to it):
 
     und:  [{path: shards/und_heldout}]     # und shards: val loss, and QA accuracy on their answers
     text: [{path: shards/text_heldout}]    # text shards: val loss
-    gen:  [{path: shards/gen_heldout}]     # pre-tokenised gen shards: val loss; their captions are drawn
+    gen:  [{path: shards/gen_heldout}]     # pre-tokenised gen shards (VQ codes; JanusFlow: VAE latents):
+                                           #   val loss; their captions are drawn
     seq_len: 1024                          # row length of the loss batches
     mmbench: /data/MMBench_DEV_EN.tsv      # optional: VLMEvalKit's MMBench TSV, scored by likelihood
     geneval: /data/evaluation_metadata.jsonl   # optional: GenEval prompts, written in GenEval's layout
@@ -123,7 +124,8 @@ class EvalSettings(BaseModel):
     tasks: list[Literal[EVAL_TASKS]] = list(EVAL_TASKS)  # type: ignore[valid-type]
     num: Int = Field(64, ge=1)  # items per task: documents per loss set, questions, prompts
     cfg: float = Field(5.0, ge=0.0)  # guidance weight of the gen samples
-    temperature: float = Field(1.0, gt=0.0)  # of the gen samples
+    temperature: float = Field(1.0, gt=0.0)  # of the gen samples (Janus-Pro: JanusFlow's ODE draws no tokens)
+    flow_steps: Int = Field(30, ge=1)  # JanusFlow: Euler steps of each gen sample's ODE
     max_new_tokens: Int = Field(48, ge=1)  # answer length limit
     scorer: str | None = None  # gen scorer (eval/scorers.py), e.g. shapes; None: samples only
     geneval_samples: Int = Field(4, ge=1)  # images per GenEval prompt

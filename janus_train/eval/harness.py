@@ -6,13 +6,19 @@ Tasks (each optional):
   loss   per-task validation loss on held-out shards: the token-mean CE of the training
          normalisation, over the first `num` documents of each task's sets, packed into rows
          of `data.seq_len` (one row per forward, so a row's result never depends on the others).
+         JanusFlow's gen documents give the flow loss (squared error per latent element) and
+         REPA (1 - cos per latent token) instead of a CE, on one fixed draw of (x1, z0, t)
+         per document: `flow_draw` of (eval seed, document key), scaled by the gen data's
+         VAE scaling factor, so every evaluation of every checkpoint sees the same draws.
   und    answers generated greedily for the held-out und conversations (every assistant turn,
          with the earlier turns as context) compared with the references by normalised exact
          match, overall and per question `type` where the data tags one; and, with an MMBench
          TSV, multiple choice by likelihood (the option letter the model finds most likely).
   gen    CFG samples for the held-out gen captions (prompt i drawn with seed + i), a PNG grid
          with each prompt under its image, scored by a pluggable scorer (eval/scorers.py); and,
-         with GenEval prompts, GenEval's folder layout for GenEval's own scorer.
+         with GenEval prompts, GenEval's folder layout for GenEval's own scorer. Janus-Pro
+         samples VQ codes (temperature) and decodes them with its VQ; JanusFlow runs its Euler
+         ODE (`flow_steps` steps) and decodes the latents with the VAE it was trained with.
 
 Distributed (`EvalContext`): with whole weights on every rank the items are split over the
 ranks and the results gathered by item index, so N ranks report exactly what one does. Under
@@ -45,11 +51,14 @@ from janus_train.contracts.batch import TASK_ID, TASKS, Doc, Row, collate
 from janus_train.contracts.errors import ConfigError
 from janus_train.contracts.tokens import TokenizerInfo, conversation_ids
 from janus_train.data import formats as fmt
-from janus_train.data.shards import ShardReader, dataset_shards
-from janus_train.data.tokenize import DocBuilder
+from janus_train.data.config import ImageConfig
+from janus_train.data.shards import ShardReader, dataset_shards, read_janus_meta
+from janus_train.data.tokenize import DocBuilder, flow_draw
 from janus_train.eval.config import EvalData, EvalSettings
+from janus_train.inference.flow import FlowSampleConfig, check_vae, generate_latents, latents_to_images, load_vae
 from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes, prompt_grid
 from janus_train.inference.understand import answer
+from janus_train.models.janusflow.config import JanusFlowConfig
 
 
 @dataclass
@@ -183,7 +192,10 @@ def mmbench_prompt(row: dict[str, str]) -> tuple[str, list[str]]:
 
 
 class Evaluator:
-    def __init__(self, model, tokenizer, data: EvalData, settings: EvalSettings, ctx: EvalContext | None = None):
+    """`vae` (JanusFlow only): the diffusers AutoencoderKL that decodes the gen samples, loaded or
+    as a directory (loaded on first use, on the context's device); the gen task needs it."""
+
+    def __init__(self, model, tokenizer, data: EvalData, settings: EvalSettings, ctx: EvalContext | None = None, vae: Any = None):
         self.model = model
         self.tok = TokenizerInfo.of(tokenizer)
         self.data = data
@@ -192,10 +204,19 @@ class Evaluator:
         self.grid: Image.Image | None = None  # the last gen grid (for dashboards)
         cfg = model.config
         self.cfg = cfg
+        self.flow = isinstance(cfg, JanusFlowConfig)
+        if vae is not None and not self.flow:
+            raise ConfigError("vae", "only JanusFlow decodes its samples with a VAE; a Janus-Pro model decodes with its own VQ")
+        if self.flow and vae is None and "gen" in self.s.tasks and (data.gen or data.geneval):
+            raise ConfigError("vae", "a JanusFlow model's gen samples are VAE latents: give the VAE it was trained with "
+                              "(python -m janus_train.eval --vae DIR; in training, model.vae), or leave out the gen task")
+        self.vae = vae
         self.system = conv.DEFAULT_SYSTEM_PROMPT if data.und_system_prompt == "default" else (data.und_system_prompt or None)
+        self.image = im = ImageConfig.from_model(cfg)
         self.builder = DocBuilder(
-            tok=self.tok, seq_len=data.seq_len, num_image_tokens=cfg.num_image_tokens, image_size=cfg.vision.image_size,
-            num_gen_tokens=cfg.gen_grid**2, codebook_size=cfg.vq.codebook_size, cfg_dropout=0.0, system_prompt=self.system,
+            tok=self.tok, seq_len=data.seq_len, num_image_tokens=im.num_image_tokens, image_size=im.image_size,
+            num_gen_tokens=im.num_gen_tokens, codebook_size=im.codebook_size, cfg_dropout=0.0, system_prompt=self.system,
+            gen_kind=im.gen_kind, latent_shape=im.latent_shape, repa_image=im.repa_image,
         )
 
     # ---- loss --------------------------------------------------------------------------------
@@ -222,6 +243,38 @@ class Evaluator:
             used += d.n
         return rows
 
+    def _gen_scale(self) -> float:
+        """The VAE scaling factor of the held-out JanusFlow gen sets (their janus meta), which
+        must all hold latents of the model's shape from one VAE."""
+        scales: dict[float, str] = {}
+        for i, src in enumerate(self.data.gen):
+            meta = read_janus_meta(src.path)
+            shape, scale = meta.get("latent_shape"), meta.get("vae_scaling_factor")
+            if shape is None or scale is None:
+                raise ConfigError(f"data.gen[{i}].path", f"{src.path} holds no VAE latents (its janus meta lacks latent_shape / "
+                                  "vae_scaling_factor): a JanusFlow model is evaluated on data_pipelines.pretokenize_vae shards")
+            if tuple(shape) != tuple(self.image.latent_shape):
+                raise ConfigError(f"data.gen[{i}].path", f"{src.path} holds latents {list(shape)}, the model takes {list(self.image.latent_shape)}")
+            scales.setdefault(float(scale), src.path)
+        if len(scales) > 1:
+            raise ConfigError("data.gen", f"the gen sets were encoded with different VAEs (scaling factors {sorted(scales)})")
+        return next(iter(scales))
+
+    def _loss_names(self, task: str) -> tuple[str, ...]:
+        """The losses a task's documents give: its CE; JanusFlow's gen documents flow and REPA."""
+        return ("flow", "repa") if self.flow and task == "gen" else (task,)
+
+    def _loss_sums(self, task: str, row: list[Doc]) -> tuple[dict[str, tuple[float, int]], int]:
+        """({loss name: (summed loss, its count)}, tokens) of one packed row of documents:
+        tokens are the supervised ones, or JanusFlow's latent tokens for gen."""
+        batch = collate([Row(TASK_ID[task], row)], self.data.seq_len, self.tok.pad_id, self.tok.image_id, flow=self.flow)
+        res = self.model(batch.to(self.ctx.device, self.ctx.dtype))
+        if not self.flow:
+            n = int(res.num_tokens[task])
+            return {task: (float(res.loss_sum[task].double()), n)}, n
+        sums = {k: (float(res.loss_sum[k].double()), int(res.count[k])) for k in self._loss_names(task)}
+        return sums, int(batch.gen_input_mask.sum()) if task == "gen" else sums[task][1]
+
     @torch.no_grad()
     def loss(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -229,17 +282,18 @@ class Evaluator:
             if not getattr(self.data, task):
                 continue
             docs, skipped = self._documents(task)
+            if self.flow and task == "gen" and docs:
+                scale, im = self._gen_scale(), self.image
+                for d in docs:  # one fixed draw per document: the same at every evaluation
+                    d.flow = flow_draw(self.s.seed, d.key, (0, 0), d.latent, scale, im.t_logit_mean, im.t_logit_std)
             rows = self._rows(docs)
-            local = {}
-            for i in self.ctx.mine(len(rows)):
-                batch = collate([Row(TASK_ID[task], rows[i])], self.data.seq_len, self.tok.pad_id, self.tok.image_id)
-                res = self.model(batch.to(self.ctx.device, self.ctx.dtype))
-                local[i] = (float(res.loss_sum[task].double()), int(res.num_tokens[task]))
+            local = {i: self._loss_sums(task, rows[i]) for i in self.ctx.mine(len(rows))}
             results = self.ctx.gather(local)
-            total = math.fsum(results[i][0] for i in range(len(rows)))
-            tokens = sum(results[i][1] for i in range(len(rows)))
-            out[f"loss_{task}"] = total / tokens if tokens else None
-            out[f"tokens_{task}"] = tokens
+            for name in self._loss_names(task):
+                total = math.fsum(results[i][0][name][0] for i in range(len(rows)))
+                count = sum(results[i][0][name][1] for i in range(len(rows)))
+                out[f"loss_{name}"] = total / count if count else None
+            out[f"tokens_{task}"] = sum(results[i][1] for i in range(len(rows)))
             out[f"docs_{task}"] = len(docs)
             if skipped:
                 out[f"skipped_{task}"] = skipped
@@ -306,6 +360,13 @@ class Evaluator:
             target[-1] = False
             docs.append(Doc(key=letter, task=TASK_ID["und"], ids=np.asarray(ids, dtype=np.int32), target=np.asarray(target),
                             gen_start=len(ids), pixels=pixels))
+        if self.flow:
+            # JanusFlow's forward sums a row's und CE: one forward per option gives its score.
+            scores = []
+            for d in docs:
+                batch = collate([Row(TASK_ID["und"], [d])], d.n, self.tok.pad_id, self.tok.image_id, flow=True)
+                scores.append(-float(self.model(batch.to(self.ctx.device, self.ctx.dtype)).loss_sum["und"].double()))
+            return letters[int(np.argmax(scores))]
         seq = sum(d.n for d in docs)
         batch = collate([Row(TASK_ID["und"], docs)], seq, self.tok.pad_id, self.tok.image_id).to(self.ctx.device, self.ctx.dtype)
         nll = self.model.token_losses(batch).reshape(-1).double().cpu()
@@ -314,8 +375,25 @@ class Evaluator:
         return letters[int(np.argmax(scores))]
 
     # ---- generation ----------------------------------------------------------------------------
+    def _vae(self):
+        """The VAE, loaded (on the context's device; bf16 when the model runs in bf16, else fp32:
+        the SDXL-VAE overflows in fp16) and checked against the model once."""
+        if isinstance(self.vae, (str, Path)):
+            dtype = torch.bfloat16 if self.ctx.dtype == torch.bfloat16 else torch.float32
+            try:
+                vae = load_vae(self.vae, device=self.ctx.device, dtype=dtype)
+                check_vae(vae, self.cfg)
+            except ValueError as e:
+                raise ConfigError("vae", str(e)) from None
+            self.vae = vae
+        return self.vae
+
     def _draw(self, caption: str, seed: int) -> np.ndarray:
         gen = torch.Generator(device=self.ctx.device).manual_seed(seed)
+        if self.flow:
+            fs = FlowSampleConfig(steps=self.s.flow_steps, cfg_weight=self.s.cfg)
+            latents = generate_latents(self.model, self.tok, caption, 1, fs, generator=gen)
+            return latents_to_images(self._vae(), latents)[0]
         sc = SampleConfig(cfg_weight=self.s.cfg, temperature=self.s.temperature)
         codes = generate_codes(self.model, self.tok, caption, 1, sc, generator=gen)
         with _gathered(self.model.vq, self.ctx.zero3):
@@ -403,7 +481,7 @@ class Evaluator:
 
 def summary(report: dict[str, Any]) -> dict[str, float]:
     """The report's headline numbers (what metrics.jsonl and W&B get as eval/<name>)."""
-    keys = ("loss_und", "loss_text", "loss_gen", "und_acc", "mmbench_acc", "gen_acc", "gen_all_correct")
+    keys = ("loss_und", "loss_text", "loss_gen", "loss_flow", "loss_repa", "und_acc", "mmbench_acc", "gen_acc", "gen_all_correct")
     out = {k: report[k] for k in keys if isinstance(report.get(k), (int, float))}
     for kind, acc in (report.get("und_acc_by_type") or {}).items():
         out[f"und_acc_{kind}"] = acc

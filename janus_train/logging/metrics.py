@@ -20,13 +20,13 @@ class StepRecord:
     stage: int
     stage_step: int
     lr: float
-    loss: float  # token-mean CE over every supervised token of the step
+    loss: float  # Janus-Pro: token-mean CE over every supervised token; JanusFlow: CE mean + flow mean + REPA mean
     loss_und: float | None  # each task's own token mean (None: no tokens of it this step)
     loss_text: float | None
-    loss_gen: float | None
+    loss_gen: float | None  # Janus-Pro's gen CE (None for JanusFlow)
     tokens_und: int  # supervised tokens per task (all ranks)
     tokens_text: int
-    tokens_gen: int
+    tokens_gen: int  # Janus-Pro: supervised codes; JanusFlow: latent tokens
     grad_norm: float | None
     tokens_per_s: float
     samples_per_s: float
@@ -38,6 +38,8 @@ class StepRecord:
     skipped_steps: int
     bad_steps_in_row: int
     time: float
+    loss_flow: float | None = None  # JanusFlow: mean squared velocity error per latent element
+    loss_repa: float | None = None  # JanusFlow: mean 1 - cos(projected LLM features, SigLIP features) per latent token
     eval_time_s: float | None = None  # seconds spent evaluating after this step (not in step_time_s)
     eval: dict[str, float] | None = None  # evaluation summary, written as eval/<name> keys
 

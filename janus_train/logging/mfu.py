@@ -13,7 +13,10 @@ AV), counting only the causal half for the LLM (2·s²·d) because that is what 
 computes; x3 with backward, x1 forward-only. Tokens are counted where they run: LLM costs are
 over non-pad tokens, lm_head over text-supervised positions only (the model skips the rest),
 gen_head over gen-supervised positions, SigLIP over 576 (tiny: 16) patches per und image,
-the gen adaptor over gen input positions. Embedding lookups are free.
+the gen adaptor over gen input positions. Embedding lookups are free. JanusFlow: the
+generation encoder, decoder and their aligners count as one gen adaptor at 2N per latent
+position (their convolutions are per-position linear maps, ConvNeXt's depthwise ones included;
+the REPA projector and SigLIP's no-grad view of the gen images are left out, a few per cent).
 
 MFU = model FLOPs per second / (devices x peak FLOP/s per device).
 """
@@ -26,6 +29,11 @@ import torch
 
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janus.config import grads_flow_into_llm
+from janus_train.models.janusflow.config import JanusFlowConfig
+
+# JanusFlow's parts that feed the LLM, and its generation path (one adaptor in the FLOP model).
+_FLOW_LLM_INPUTS = ("llm", "vision", "und_aligner", "und_begin", "gen_encoder", "gen_enc_aligner")
+_FLOW_GEN_PATH = ("gen_encoder", "gen_enc_aligner", "gen_dec_norm", "gen_dec_aligner", "gen_decoder")
 
 # Dense bf16 peaks (FLOP/s) by device-name fragment.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H800": 989e12, "L40S": 362e12}
@@ -46,14 +54,24 @@ class ComponentSizes:
     gen_aligner: int
 
 
-def component_sizes(cfg: JanusConfig) -> ComponentSizes:
-    from janus_train.models.janus.model import JanusModel
+def component_sizes(cfg: JanusConfig | JanusFlowConfig) -> ComponentSizes:
+    from janus_train.models.families import family_of_config
 
     with torch.device("meta"):
-        m = JanusModel(cfg)
+        m = family_of_config(cfg).build(cfg)
 
     def n(mod) -> int:
         return sum(p.numel() for p in mod.parameters())
+
+    if isinstance(cfg, JanusFlowConfig):
+        return ComponentSizes(
+            llm_layers=n(m.llm) - m.llm.embed_tokens.weight.numel(),
+            lm_head=m.lm_head.weight.numel(),
+            gen_head=0,
+            vision=n(m.vision) - m.vision.pos_embed.numel(),
+            und_aligner=n(m.und_aligner),
+            gen_aligner=sum(n(getattr(m, part)) for part in _FLOW_GEN_PATH),
+        )
 
     return ComponentSizes(
         llm_layers=n(m.llm) - m.llm.embed_tokens.weight.numel(),
@@ -65,10 +83,11 @@ def component_sizes(cfg: JanusConfig) -> ComponentSizes:
     )
 
 
-def step_flops(cfg: JanusConfig, sizes: ComponentSizes, trainable: list[str], counts: dict[str, float]) -> float:
+def step_flops(cfg: JanusConfig | JanusFlowConfig, sizes: ComponentSizes, trainable: list[str], counts: dict[str, float]) -> float:
     """Model FLOPs of one optimizer step from the global batch counts (see train_step)."""
     t = set(trainable)
-    through_llm = grads_flow_into_llm(trainable)
+    flow = isinstance(cfg, JanusFlowConfig)
+    through_llm = bool(set(_FLOW_LLM_INPUTS) & t) if flow else grads_flow_into_llm(trainable)
 
     def mult(name: str, grads_pass: bool) -> int:
         return 3 if name in t else (2 if grads_pass else 1)
@@ -88,7 +107,7 @@ def step_flops(cfg: JanusConfig, sizes: ComponentSizes, trainable: list[str], co
     flops += mult("gen_head", head_pass) * 2 * sizes.gen_head * counts["gen_sup"]
     flops += vision_m * (2 * sizes.vision * vis_tokens + v.num_layers * 4 * v.hidden_size * cfg.num_image_tokens**2 * counts["images"])
     flops += und_al_m * 2 * sizes.und_aligner * vis_tokens
-    flops += mult("gen_aligner", False) * 2 * sizes.gen_aligner * counts["gen_inputs"]
+    flops += mult("gen_encoder" if flow else "gen_aligner", False) * 2 * sizes.gen_aligner * counts["gen_inputs"]
     return flops
 
 

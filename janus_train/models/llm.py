@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from janus_train.models.attention import PackedDocs, cached_attention, packed_attention
 
-# Activation recomputation of the LLM blocks (models/janus/model.py: apply_recompute).
+# Activation recomputation of the LLM blocks (LanguageModel.apply_recompute).
 RECOMPUTE_MODES = ("none", "full", "selective")
 
 
@@ -118,6 +118,13 @@ class KVCache:
         self.v[layer][:, :, start : start + n] = v
         return self.k[layer][:, :, : start + n], self.v[layer][:, :, : start + n]
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (the next update overwrites their slots): a
+        cached prefix stays while what follows it is recomputed (flow sampling's Euler steps)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a KV cache of length {self.length} to {length}")
+        self.length = length
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
@@ -162,7 +169,7 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        # Set by JanusModel.apply_recompute: "none" | "full" | "attn".
+        # Set by LanguageModel.apply_recompute: "none" | "full" | "attn".
         self.recompute_mode = "none"
 
     def _attn_part(self, x, cos, sin, docs, backend, cache, layer):
@@ -192,6 +199,29 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def apply_recompute(self, mode: str, every: int = 2) -> None:
+        """Recompute LLM block activations in backward instead of keeping them.
+
+        none       keep everything.
+        full       every block: keep only its input, recompute the whole block.
+        selective  every >= 2: full recomputation of every `every`-th block (0, every, ...);
+                   every == 1: every block recomputes its attention half only (norm, q/k/v,
+                   RoPE, attention, o_proj) and keeps its MLP activations.
+        """
+        if every < 1:
+            raise ValueError(f"recompute_every={every} must be >= 1")
+        for i, layer in enumerate(self.layers):
+            if mode == "full":
+                layer.recompute_mode = "full"
+            elif mode == "selective" and every == 1:
+                layer.recompute_mode = "attn"
+            elif mode == "selective":
+                layer.recompute_mode = "full" if i % every == 0 else "none"
+            elif mode == "none":
+                layer.recompute_mode = "none"
+            else:
+                raise ValueError(f"recompute={mode!r} is not one of none|full|selective")
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -213,3 +243,18 @@ class LanguageModel(nn.Module):
         if cache is not None:
             cache.length += inputs_embeds.shape[1]
         return self.norm(x) if capture_layer is None else (self.norm(x), captured)
+
+    # ---- incremental decoding (inference; every model family's `new_cache` / `decode_step`) ----
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` positions, on the weights' device and dtype."""
+        p, c = self.embed_tokens.weight, self.cfg
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, p.device, p.dtype)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, cache: KVCache, backend: str,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new positions [B, T, H] through the decoder with the cache; hidden [B, T, H]. Their
+        positions continue the cache's (cache.length, ...) unless `position_ids` [B, T] are given."""
+        b, t, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = torch.arange(cache.length, cache.length + t, device=inputs_embeds.device)[None].expand(b, t)
+        return self(inputs_embeds, position_ids, None, backend, cache=cache)

@@ -250,8 +250,9 @@ def check_tp_divisibility(model_cfg, tp: int) -> None:
         "llm.num_kv_heads": llm.num_kv_heads,
         "llm.intermediate_size": llm.intermediate_size,
         "llm.vocab_size": llm.vocab_size,
-        "vq.codebook_size": model_cfg.vq.codebook_size,
     }
+    if hasattr(model_cfg, "vq"):  # Janus-Pro's code head is vocab-parallel too
+        sizes["vq.codebook_size"] = model_cfg.vq.codebook_size
     for name, value in sizes.items():
         if value % tp:
             raise ValueError(f"parallel.tp={tp} does not divide {name}={value}")
@@ -344,7 +345,8 @@ def apply_tensor_parallel(model: JanusModel, mpu: ParallelMPU) -> JanusModel:
     new_emb = L.VocabParallelEmbedding(emb.num_embeddings, h, init_method=_no_init, config=mcfg)
     model.llm.embed_tokens = _copy_shard(new_emb, emb, 0, rank, tp)
     model.lm_head = vocab_head(model.lm_head)
-    model.gen_head = TPGenHead(model.gen_head.fc1, vocab_head(model.gen_head.fc2))
+    if hasattr(model, "gen_head"):  # Janus-Pro's code head; JanusFlow decodes latents instead
+        model.gen_head = TPGenHead(model.gen_head.fc1, vocab_head(model.gen_head.fc2))
     _check_against_plan(model)
     return model
 

@@ -1,14 +1,17 @@
 """`make demo`: the whole recipe at mini size on CPU, with no downloads, evaluated as it trains.
 
     python -m janus_train.tools.demo [--out demo_out] [--nproc 2] [--fresh] [--recipe tiny_demo] [overrides ...]
+    python -m janus_train.tools.demo --recipe janusflow_tiny_demo --out demo_out/janusflow   (`make demo-flow`)
 
 Builds the demo's inputs first (janus_train/tools/demo_assets.py: the shapes world with a
 held-out split, a mini VQ tokenizer trained on its images, the init checkpoint), then runs
 `deepspeed --num_gpus N launch/train.py +recipe=tiny_demo` (2 CPU ranks, gloo, ZeRO-2): three
 shortened stages, each ending with an evaluation on held-out data. It ends with the evaluation
 table (validation losses, understanding and generation accuracy per stage), where the metrics,
-sample grids and exports are, and whether every task's loss fell. A second run finds the
-finished run and shows its results again; --fresh trains anew (the data is kept).
+sample grids and exports are, and whether every task's loss fell (JanusFlow: und, text, flow
+and REPA). A second run finds the finished run and shows its results again; --fresh trains anew
+(the data is kept). With `--recipe janusflow_tiny_demo` the tokenizer is a tiny VAE and the
+model JanusFlow (docs/janusflow.md#the-demo).
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ("und", "text", "gen")
+# The per-step losses whose trend the report shows (those a run has: gen for Janus-Pro, flow and
+# repa for JanusFlow).
+TASKS = ("und", "text", "gen", "flow", "repa")
 # Columns of the evaluation table: metrics.jsonl key -> header.
 EVAL_COLUMNS = {"eval/loss_und": "val loss und", "eval/loss_text": "val loss text", "eval/loss_gen": "val loss gen",
+                "eval/loss_flow": "val loss flow", "eval/loss_repa": "val loss repa",  # JanusFlow's gen losses
                 "eval/und_acc": "und acc", "eval/und_acc_color": "colour qs", "eval/und_acc_shape": "shape qs",
                 "eval/gen_acc": "gen acc"}
 
@@ -34,6 +40,8 @@ def loss_trend(metrics: list[dict]) -> dict[str, tuple[float, float] | None]:
     """Per task: (mean loss over its first 20% of steps, over its last 20%); None if absent."""
     out: dict[str, tuple[float, float] | None] = {}
     for task in TASKS:
+        if not any(f"loss_{task}" in m and m[f"loss_{task}"] is not None for m in metrics) and task in ("gen", "flow", "repa"):
+            continue  # the other family's loss
         vals = [m[f"loss_{task}"] for m in metrics if isinstance(m.get(f"loss_{task}"), float)]
         if len(vals) < 5:
             out[task] = None
@@ -71,7 +79,10 @@ def report(run_dir: Path, minutes: float | None, nproc: int) -> int:
     print(f"\n  metrics : {run_dir / 'metrics.jsonl'}")
     print(f"  eval    : {run_dir / 'eval'} (report.json and gen_grid.png per evaluation{'; last: ' + str(last_grid[-1]) if last_grid else ''})")
     print(f"  samples : {run_dir / 'samples'}")
-    print(f"  exports : {run_dir / 'exports'} (HF format, one per stage; try python -m janus_train.generate --ckpt {run_dir / 'exports' / 'stage3'} ...)")
+    flow = any(m.get("loss_flow") is not None for m in steps)
+    layout = "DeepSeek's release layout" if flow else "HF format"
+    vae = " --vae <data>/tokenizer" if flow else ""
+    print(f"  exports : {run_dir / 'exports'} ({layout}, one per stage; try python -m janus_train.generate --ckpt {run_dir / 'exports' / 'stage3'}{vae} ...)")
     print(f"  wandb   : {run_dir / 'wandb'} (offline; `wandb sync` to upload)")
     falling = True
     for task, t in loss_trend(steps).items():

@@ -94,9 +94,10 @@ def _synthetic(out: Path, n: int, image_size: int, seed: int, world: WorldSpec, 
 
 
 def build_shapes_dataset(root: Path, ckpt: Path | None, num_samples: int, image_size: int, seed: int, workers: int = 2,
-                         world: WorldSpec = WorldSpec(), held_out: int = 0) -> None:
+                         world: WorldSpec = WorldSpec(), held_out: int = 0, vae: Path | None = None) -> None:
     """Shards of the shapes world under root (and root/heldout with `held_out` samples per task);
-    gen shards are pre-tokenised with `ckpt`'s VQ (left as images under *_images when None)."""
+    gen shards are pre-tokenised with `ckpt`'s VQ, or with `vae` for a JanusFlow `ckpt` (left
+    as images under *_images when ckpt is None)."""
     from data_pipelines import build_shards
 
     raw = root / "raw"
@@ -115,16 +116,21 @@ def build_shapes_dataset(root: Path, ckpt: Path | None, num_samples: int, image_
         build_shards.build("gen", hraw / "gen_real.jsonl", root / "heldout" / "gen_images", shard_size=shard, workers=workers, source="real")
         shutil.rmtree(hraw)
     if ckpt is not None:
-        pretokenize_all(root, ckpt)
+        pretokenize_all(root, ckpt, vae)
     shutil.rmtree(raw, ignore_errors=True)
 
 
-def pretokenize_all(root: Path, ckpt: Path) -> None:
-    """Encode every *_images gen shard set under root (and root/heldout) with ckpt's VQ."""
-    from data_pipelines import pretokenize_vq
+def pretokenize_all(root: Path, ckpt: Path, vae: Path | None = None) -> None:
+    """Encode every *_images gen shard set under root (and root/heldout) with ckpt's VQ, or to
+    VAE latents with `vae` (JanusFlow)."""
+    from data_pipelines import pretokenize_vae, pretokenize_vq
 
     for images in sorted([*root.glob("*_images"), *(root / "heldout").glob("*_images")]):
-        pretokenize_vq.pretokenize(ckpt, images, images.with_name(images.name.removesuffix("_images")))
+        out = images.with_name(images.name.removesuffix("_images"))
+        if vae is not None:
+            pretokenize_vae.pretokenize(ckpt, vae, images, out, progress=False)
+        else:
+            pretokenize_vq.pretokenize(ckpt, images, out)
         shutil.rmtree(images)
 
 
@@ -140,8 +146,10 @@ seq_len: 256
 
 def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, seed: int, held_out: int = 256,
                       tokenizer_steps: int = 1000, world: WorldSpec = DEMO_WORLD, workers: int = 2) -> None:
-    """Build whatever is missing (idempotent; `.complete` is written last)."""
-    from janus_train.models.janus.config import JanusConfig
+    """Build whatever is missing (idempotent; `.complete` is written last). For a JanusFlow
+    preset the tokenizer is a tiny VAE (`train_tokenizer --kind vae`) and the gen shards hold
+    its latents."""
+    from janus_train.models.families import family_of_preset
 
     if (root / ".complete").is_file() and (init / "config.json").is_file():
         return
@@ -150,22 +158,29 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
         shutil.rmtree(root / sub, ignore_errors=True)  # leftovers of an interrupted build
     shutil.rmtree(init, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    cfg = JanusConfig.from_preset(preset)
-    image_size = int(cfg.gen_image_size * 3 // 2)  # larger than the model sees: resizing is exercised
+    family = family_of_preset(preset)
+    flow = family.gen_kind == "flow"
+    cfg = family.config(preset)
+    image_size = int(cfg.image_size if flow else cfg.gen_image_size) * 3 // 2  # larger than the model sees: resizing is exercised
     print(f"building the synthetic shapes dataset at {root}", flush=True)
     build_shapes_dataset(root, None, num_samples, image_size, seed, workers=workers, world=world, held_out=held_out)
-    print(f"training the {preset} VQ tokenizer for {tokenizer_steps} steps", flush=True)
+    kind = "vae" if flow else "vq"
+    print(f"training the {preset} {kind.upper()} tokenizer for {tokenizer_steps} steps", flush=True)
     from janus_train.tools import train_tokenizer
 
     code = train_tokenizer.main(["--data", str(root / "gen_real_images"), "--out", str(root / "tokenizer"), "--preset", preset,
-                                 "--steps", str(tokenizer_steps), "--held-out", "128", "--scorer", "shapes", "--seed", str(seed)])
+                                 "--kind", kind, "--steps", str(tokenizer_steps), "--held-out", "128", "--scorer", "shapes",
+                                 "--seed", str(seed)])
     if code != 0:
         raise RuntimeError(f"training the tokenizer failed (exit {code})")
     from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint
 
     print(f"building the tiny init checkpoint at {init}", flush=True)
-    make_tiny_checkpoint(init, fmt="hf", seed=seed, init_std=INIT_STD, preset=preset, vq=root / "tokenizer")
-    pretokenize_all(root, init)
+    if flow:
+        make_tiny_checkpoint(init, fmt="deepseek", seed=seed, init_std=INIT_STD, preset=preset, family="janusflow")
+    else:
+        make_tiny_checkpoint(init, fmt="hf", seed=seed, init_std=INIT_STD, preset=preset, vq=root / "tokenizer")
+    pretokenize_all(root, init, root / "tokenizer" if flow else None)
     (root / "eval.yaml").write_text(EVAL_YAML.format(root=root))
     (root / ".complete").write_text(json.dumps({"preset": preset, "num_samples": num_samples, "held_out": held_out}) + "\n")
 

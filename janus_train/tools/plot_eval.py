@@ -4,7 +4,8 @@
 
 Reads RUN_DIR/metrics.jsonl (the eval/<name> columns of the evaluated steps) and writes a PNG
 with two panels: accuracies (und exact match overall and per attribute question, gen shape and
-colour by the scorer) and per-task validation losses, with stage boundaries marked.
+colour by the scorer) and per-task validation losses (JanusFlow: the flow and REPA losses in
+place of the gen CE), with stage boundaries marked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 ACCURACIES = {"eval/und_acc": "und: exact answers", "eval/und_acc_color": "und: colour questions",
               "eval/und_acc_shape": "und: shape questions", "eval/gen_acc": "gen: shape and colour drawn"}
-LOSSES = {"eval/loss_und": "und", "eval/loss_text": "text", "eval/loss_gen": "gen"}
+LOSSES = {"eval/loss_und": "und", "eval/loss_text": "text", "eval/loss_gen": "gen",
+          "eval/loss_flow": "gen: flow (MSE)", "eval/loss_repa": "gen: REPA (1 - cos)"}  # JanusFlow
 
 
 def plot(run_dir: Path, out: Path, title: str | None = None) -> Path:

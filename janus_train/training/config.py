@@ -13,7 +13,7 @@ and their documentation live in `recipes/config.yaml` and the recipes. A problem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +25,8 @@ from janus_train.contracts.errors import ConfigError, from_validation_error, unk
 from janus_train.data.config import DataSettings, Ratio, Source
 from janus_train.eval.config import EvalData, EvalSettings
 from janus_train.models.attention import ATTENTION_BACKENDS
-from janus_train.models.janus.config import PRESETS, RECOMPUTE_MODES, JanusConfig, check_trainable
+from janus_train.models.families import ALL_PRESETS, FAMILIES, family_of_preset
+from janus_train.models.llm import RECOMPUTE_MODES
 
 __all__ = ["ConfigError", "RunConfig", "StageSettings", "load_config", "resolved_yaml", "validate_config"]
 
@@ -41,13 +42,19 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 def _trainable(names: list[str]) -> list[str]:
-    check_trainable(names)  # ValueError naming the component
+    # A component of some family here; RunConfig checks it against the preset's family.
+    if not names:
+        raise ValueError("no trainable component")
+    known = {c for f in FAMILIES for c in f.components}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown component {name!r}; choose from {sorted(known)}")
     return names
 
 
 def _preset(name: str) -> str:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    if name not in ALL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(ALL_PRESETS)}")
     return name
 
 
@@ -75,6 +82,7 @@ class StageConfig(_Section):
     steps: NonNegativeInt
     global_batch: PositiveInt
     ratio: Ratio
+    ratio_phases: list[tuple[PositiveInt, Ratio]] = []
     sources: Annotated[dict[str, list[Source]], AfterValidator(_tasks)] = {}
 
 
@@ -140,11 +148,18 @@ class ModelSection(_Section):
     recompute_every: PositiveInt
     head_chunk_tokens: PositiveInt | None
 
-    def model_config_for(self) -> JanusConfig:
-        """The model architecture: the preset, its overrides and the runtime choices."""
+    vae: str | None = None  # JanusFlow: the diffusers AutoencoderKL directory (sample grids, evaluation)
+
+    @property
+    def family(self):
+        return family_of_preset(self.preset)
+
+    def model_config_for(self):
+        """The model architecture (JanusConfig or JanusFlowConfig): the preset, its overrides
+        and the runtime choices."""
         overrides = dict(self.overrides)
         overrides.update(attention=self.attention, recompute=self.recompute, recompute_every=self.recompute_every)
-        return JanusConfig.from_preset(self.preset, overrides)
+        return self.family.config(self.preset, overrides)
 
 
 class DataSection(DataSettings):
@@ -212,7 +227,8 @@ class RunConfig(_Section):
             s: StageConfig = getattr(self.train.stages, name)
             if s.enabled:
                 out.append(StageSettings(i, name, list(s.trainable), s.lr, s.warmup_steps, s.decay, s.min_lr_ratio, s.steps, s.global_batch, s.ratio,
-                                         {t: [src.model_dump() for src in v] for t, v in s.sources.items()}))
+                                         {t: [src.model_dump() for src in v] for t, v in s.sources.items()},
+                                         [(int(u), tuple(r)) for u, r in s.ratio_phases]))
         return out
 
 
@@ -231,6 +247,7 @@ class StageSettings:
     global_batch: int
     ratio: tuple[float, float, float]
     sources: dict[str, list[dict[str, Any]]]
+    ratio_phases: list[tuple[int, tuple[float, float, float]]] = field(default_factory=list)  # [(until_step, ratio)]
 
 
 # ---- composition ----------------------------------------------------------------------------
@@ -352,11 +369,35 @@ def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, c
     if check_paths and init is not None and not Path(init).exists() and not run.demo_assets.build:
         raise ConfigError("model.init_from", f"checkpoint directory {init!r} does not exist")
     try:
-        run.model.model_config_for()
+        model_cfg = run.model.model_config_for()
     except ValueError as e:
         raise ConfigError("model.overrides", str(e)) from None
+    family = run.model.family
     for s in stages:
-        for task, share in zip(TASKS, s.ratio):
+        try:
+            family.check_trainable(s.trainable)
+        except ValueError as e:
+            raise ConfigError(f"train.stages.{s.name}.trainable", f"{e} (model.preset={run.model.preset} is a {family.name} model)") from None
+    vae = run.model.vae
+    if family.gen_kind == "flow":
+        if run.logging.sample_every and vae is None and complete:
+            raise ConfigError("model.vae", "JanusFlow sample grids decode latents with a VAE: set model.vae (a diffusers "
+                              "AutoencoderKL directory) or logging.sample_every=0")
+        ev = run.eval
+        if vae is None and ev.data is not None and "gen" in ev.tasks and (ev.data.gen or ev.data.geneval):
+            raise ConfigError("model.vae", "JanusFlow's gen evaluation decodes latents with a VAE: set model.vae (a diffusers "
+                              "AutoencoderKL directory) or leave gen out of eval.tasks")
+        if check_paths and vae is not None and not (Path(vae) / "config.json").is_file():
+            raise ConfigError("model.vae", f"{vae!r} is not a diffusers AutoencoderKL directory (no config.json)")
+    elif vae is not None:
+        raise ConfigError("model.vae", f"only JanusFlow uses a VAE; model.preset={run.model.preset} is a Janus-Pro model (its VQ is in the checkpoint)")
+    del model_cfg
+    for s in stages:
+        until = [u for u, _ in s.ratio_phases]
+        if until != sorted(set(until)):
+            raise ConfigError(f"train.stages.{s.name}.ratio_phases", f"until_step values must be strictly ascending, got {until}")
+        shares = [max(r[i] for r in [s.ratio] + [p for _, p in s.ratio_phases]) for i in range(len(TASKS))]
+        for task, share in zip(TASKS, shares):
             if share <= 0:
                 continue
             own = task in s.sources

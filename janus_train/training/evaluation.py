@@ -7,6 +7,9 @@ split the items and gather the results; under ZeRO-3 or tensor parallelism every
 every item, so no rank skips a gather or a TP collective. The step's metrics get the summary
 (`eval/<name>`) and the time it took (`eval_time_s`, not counted in tokens/s or MFU); rank 0
 writes the report and the sample grid to run_dir/eval/step_XXXXXXXX/.
+
+JanusFlow's gen samples are decoded with the run's VAE (`model.vae`), loaded on the first
+evaluation that draws and kept; it is not part of the engine, so ZeRO-3 needs no gather for it.
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from janus_train.eval.harness import EvalContext, Evaluator, summary
+from janus_train.models.janusflow.config import JanusFlowConfig
 from janus_train.training.config import EvalSection, StageSettings
 
 
 class TrainingEvaluation:
-    def __init__(self, cfg: EvalSection, run_dir: Path, tokenizer: Any, wandb_logger: Any = None):
+    def __init__(self, cfg: EvalSection, run_dir: Path, tokenizer: Any, wandb_logger: Any = None, vae_path: str | None = None):
         self.cfg = cfg
         self.dir = Path(run_dir) / "eval"
         self.tokenizer = tokenizer
         self.wandb = wandb_logger
+        self.vae_path = vae_path  # JanusFlow: the VAE that decodes its gen samples
+        self._vae = None  # loaded by the first evaluation that needs it
 
     def due(self, global_step: int, stage_step: int, stage: StageSettings) -> bool:
         if self.cfg.data is None:
@@ -45,9 +51,15 @@ class TrainingEvaluation:
             dtype=trainer.dtype,
             zero3=trainer.zero_stage == 3,
         )
-        evaluator = Evaluator(trainer.engine.module, self.tokenizer, self.cfg.data, self.cfg, ctx)
+        model = trainer.engine.module
+        vae = None
+        if isinstance(model.config, JanusFlowConfig) and self.vae_path is not None:
+            vae = self._vae if self._vae is not None else self.vae_path
+        evaluator = Evaluator(model, self.tokenizer, self.cfg.data, self.cfg, ctx, vae=vae)
         out_dir = self.dir / f"step_{step:08d}"
         report = evaluator.run(out_dir if trainer.dist.is_main else None)
+        if vae is not None and not isinstance(evaluator.vae, (str, Path)):
+            self._vae = evaluator.vae  # loaded (or given): keep it for the next evaluation
         result = summary(report)
         if self.wandb is not None and trainer.dist.is_main:
             images = {"eval/gen_grid": evaluator.grid} if evaluator.grid is not None else {}

@@ -10,6 +10,10 @@ would divide by the accumulation steps; we undo both scalings explicitly:
 
 With task weights (train.loss_weights), sum_CE is sum over tasks of weight x that task's summed
 CE; the reported losses stay unweighted token means.
+
+JanusFlow's losses have different units, so each has its own global normaliser (a "loss
+group", models/families.py): CE over und+text tokens, the flow loss over latent elements, REPA
+over latent tokens; the objective is the sum of the groups' means, each formed as above.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from janus_train.contracts.batch import TASKS, PackedBatch
+from janus_train.contracts.batch import PackedBatch
+from janus_train.models.families import JANUS, LossGroup
 from janus_train.parallel.distributed import all_reduce_sum
 
 
 @dataclass
 class StepResult:
-    loss: float  # sum of CE over all supervised tokens / their count (global)
-    task_loss: dict[str, float | None]  # per-task mean CE (None when the task had no tokens)
-    task_tokens: dict[str, int]  # global supervised tokens per task
+    loss: float  # sum over loss groups of the group's summed loss / its global count (unweighted)
+    task_loss: dict[str, float | None]  # per-loss mean (None when nothing of it in the step)
+    task_tokens: dict[str, int]  # global count per loss (tokens; latent elements for flow)
     tokens: int  # global non-pad tokens processed
     samples: int  # global documents processed
     applied: bool  # False when the update was skipped (non-finite loss or gradients)
@@ -70,44 +75,57 @@ def train_step(
     float_dtype: torch.dtype,
     touch_all: bool,
     loss_weights: dict[str, float] | None = None,
+    groups: list[LossGroup] | None = None,
 ) -> StepResult:
+    """`groups`: how the model family's losses are normalised (models/families.py); None is
+    Janus-Pro's single CE group with `loss_weights`."""
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise RuntimeError(
             f"the loader gave {len(micro_batches)} micro-batches but DeepSpeed expects "
             f"{engine.gradient_accumulation_steps()} accumulation steps"
         )
-    # Global supervised-token counts per task + the FLOP-model counts, in one all-reduce.
-    local = torch.zeros(len(TASKS) + len(COUNT_NAMES), dtype=torch.float64)
+    if groups is None:
+        groups = JANUS.loss_groups(loss_weights or {}, None)
+    names = [n for g in groups for n in g.names]
+    # Global counts of every loss's normaliser + the FLOP-model counts, in one all-reduce.
+    local = torch.zeros(len(names) + len(COUNT_NAMES), dtype=torch.float64)
     for mb in micro_batches:
-        local[: len(TASKS)] += torch.tensor([float(v) for v in mb.supervised_tokens().values()], dtype=torch.float64)
-        local[len(TASKS) :] += batch_counts(mb)
+        c = mb.loss_counts()
+        local[: len(names)] += torch.tensor([float(c.get(n, 0)) for n in names], dtype=torch.float64)
+        local[len(names) :] += batch_counts(mb)
     comm_dev = device if device.type == "cuda" else torch.device("cpu")
     glob = all_reduce_sum(local.to(comm_dev), group=dp_group).cpu()
-    task_tokens = {t: int(glob[i]) for i, t in enumerate(TASKS)}
-    n_global = max(1, sum(task_tokens.values()))
+    counts = {n: int(glob[i]) for i, n in enumerate(names)}
+    norms = [max(1, sum(counts[n] for n in g.names)) for g in groups]
 
-    # Plain sum when every weight is 1, so the default objective is bitwise the unweighted one.
-    weighted = None if not loss_weights or all(loss_weights[t] == 1.0 for t in TASKS) else {t: float(loss_weights[t]) for t in TASKS}
-    sums = torch.zeros(len(TASKS), dtype=torch.float64)
+    sums = torch.zeros(len(names), dtype=torch.float64)
     for mb in micro_batches:
         batch = mb.to(device, float_dtype)
         out = engine(batch, touch_all=touch_all)
-        total = out.total_sum() if weighted is None else sum(w * out.loss_sum[t] for t, w in weighted.items())
-        engine.backward(total * (dp_size / n_global), scale_wrt_gas=False)
+        total = None
+        for g, n_global in zip(groups, norms):
+            if g.weights is None:  # a plain sum: the default objective is bitwise the unweighted one
+                group_sum = sum(out.loss_sum[n] for n in g.names)
+            else:
+                group_sum = sum(g.weights.get(n, 1.0) * out.loss_sum[n] for n in g.names)
+            term = group_sum * (dp_size / n_global)
+            total = term if total is None else total + term
+        engine.backward(total, scale_wrt_gas=False)
         engine.step()
-        sums += torch.stack([out.loss_sum[t].detach().double().cpu() for t in TASKS])
+        sums += torch.stack([out.loss_sum[n].detach().double().cpu() for n in names])
     sums = all_reduce_sum(sums.to(comm_dev), group=dp_group).cpu()
-    loss = float(sums.sum()) / n_global
+    per_name = {n: float(sums[i]) for i, n in enumerate(names)}
+    loss = sum(sum(per_name[n] for n in g.names) / n_global for g, n_global in zip(groups, norms))
     applied = bool(engine.was_step_applied()) and math.isfinite(loss)
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else None
     return StepResult(
         loss=loss,
-        task_loss={t: (float(sums[i]) / task_tokens[t] if task_tokens[t] else None) for i, t in enumerate(TASKS)},
-        task_tokens=task_tokens,
-        tokens=int(glob[len(TASKS)]),
-        samples=int(glob[len(TASKS) + COUNT_NAMES.index("docs")]),
+        task_loss={n: (per_name[n] / counts[n] if counts[n] else None) for n in names},
+        task_tokens=counts,
+        tokens=int(glob[len(names)]),
+        samples=int(glob[len(names) + COUNT_NAMES.index("docs")]),
         applied=applied,
         grad_norm=norm,
-        counts={n: float(glob[len(TASKS) + i]) for i, n in enumerate(COUNT_NAMES)},
+        counts={n: float(glob[len(names) + i]) for i, n in enumerate(COUNT_NAMES)},
     )

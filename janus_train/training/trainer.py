@@ -31,6 +31,7 @@ from janus_train.checkpoint.manager import CheckpointManager, CheckpointMeta, fi
 from janus_train.logging.metrics import MetricsFile, StepRecord
 from janus_train.logging.mfu import component_sizes, device_peak_flops, step_flops
 from janus_train.models.janus.config import JanusConfig
+from janus_train.models.janusflow.config import JanusFlowConfig
 from janus_train.checkpoint.consolidate import set_master_weights
 from janus_train.checkpoint.export import export_checkpoint
 from janus_train.checkpoint.io import load_state_into, load_tokenizer, read_checkpoint, read_config
@@ -46,6 +47,9 @@ from janus_train.training.step import train_step
 log = logging.getLogger("janus_train")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ABORTED = 0, 1, 2, 3
+# Model-config fields that say how to train, not what the weights are (JanusFlow's flow section):
+# a run may set them differently from its init checkpoint.
+TRAINING_SETTINGS = ("repa_weight", "t_logit_mean", "t_logit_std")
 
 
 class TrainingAborted(RuntimeError):
@@ -72,6 +76,7 @@ class Trainer:
         self.engine = None
         self.loader = None
         self.current_stage: StageSettings | None = None
+        self.family = cfg.model.family
         self.last_checkpoint: Path | None = None
         self.evaluation = None  # training.evaluation.TrainingEvaluation when eval.data is set
         self.global_step = 0
@@ -79,28 +84,35 @@ class Trainer:
         self.bad_in_row = 0
         self.skipped_steps = 0
         self.model_config = self._model_config()
+        self.loss_groups = self.family.loss_groups(dict(cfg.train.loss_weights), self.model_config)
         self.sizes = component_sizes(self.model_config)
         self.peak = device_peak_flops(dist_info.device, cfg.logging.peak_flops)
         self.tokenizer_dir = self._tokenizer_dir()
         self.tokenizer = None
 
     # ---- setup -----------------------------------------------------------------------------
-    def _model_config(self) -> JanusConfig:
+    def _model_config(self) -> JanusConfig | JanusFlowConfig:
         m = self.cfg.model
         cfg = m.model_config_for()
         init = self._init_dir()
         if init is not None:
             stored = read_config(init)
-            for part in ("llm", "vision", "vq"):
+            if type(stored) is not type(cfg):
+                raise ConfigError("model.preset", f"{m.preset} is a {self.family.name} preset but model.init_from={m.init_from} "
+                                  f"holds a {type(stored).__name__} checkpoint")
+            for part in ("llm", "vision", "flow" if self.family.gen_kind == "flow" else "vq"):
                 a, b = getattr(stored, part), getattr(cfg, part)
                 for field in a.__dataclass_fields__:
+                    if field in TRAINING_SETTINGS:
+                        continue  # how to train, not what the weights are: the run's own
                     if getattr(a, field) != getattr(b, field):
                         raise ConfigError(
                             "model.preset",
                             f"{m.preset} has {part}.{field}={getattr(b, field)!r} but model.init_from={m.init_from} "
                             f"holds {getattr(a, field)!r} (pick the matching preset or override it in model.overrides)",
                         )
-            cfg.image_token_id = stored.image_token_id
+            if hasattr(stored, "image_token_id"):
+                cfg.image_token_id = stored.image_token_id
         return cfg
 
     def _init_dir(self) -> Path | None:
@@ -124,19 +136,22 @@ class Trainer:
         return init
 
     def _build_model(self, weights_dir: Path | None):
-        from janus_train.models.janus.model import JanusModel
-
         with torch.device("meta"):
-            model = JanusModel(self.model_config)
+            model = self.family.build(self.model_config)
         model = model.to_empty(device=self.dist.device).to(self.dtype)
         sd = None
         if weights_dir is not None:
             _, sd = read_checkpoint(weights_dir)
+            if self.family.gen_kind == "flow":
+                # A release has no REPA projector: it starts fresh (seeded), then the weights
+                # the checkpoint has overwrite everything else.
+                model.init_training_only(seed=self.cfg.seed)
             load_state_into(model, sd)
         else:
             model.init_weights(seed=self.cfg.seed)
         model.train()
-        model.vq.eval()  # frozen; keep it in inference mode
+        if self.family.gen_kind == "vq":
+            model.vq.eval()  # frozen; keep it in inference mode
         return model, sd
 
     def _data_config(self, stage: StageSettings):
@@ -146,6 +161,7 @@ class Trainer:
         d.update(stage.sources)
         d.update(
             ratio=list(stage.ratio),
+            ratio_phases=[[u, list(r)] for u, r in stage.ratio_phases],
             global_batch=stage.global_batch,
             micro_batch_rows=self.cfg.train.micro_batch_rows,
             tokenizer=str(self.tokenizer_dir),
@@ -182,9 +198,10 @@ class Trainer:
 
             # Held-out und prompts as training renders them, unless eval.data says otherwise.
             section = self.cfg.eval.model_copy(update={"data": self.cfg.eval.data.following(self.cfg.data.und_system_prompt)})
-            self.evaluation = TrainingEvaluation(section, self.run_dir, self.tokenizer, wandb_cb)
+            self.evaluation = TrainingEvaluation(section, self.run_dir, self.tokenizer, wandb_cb, vae_path=self.cfg.model.vae)
         if lg.sample_every:
-            self.callbacks.append(SampleGrids(self.run_dir, lg.sample_every, list(lg.sample_prompts), lg.sample_num, lg.sample_cfg, lg.sample_seed, self.tokenizer, wandb_cb))
+            self.callbacks.append(SampleGrids(self.run_dir, lg.sample_every, list(lg.sample_prompts), lg.sample_num, lg.sample_cfg, lg.sample_seed,
+                                              self.tokenizer, wandb_cb, vae_path=self.cfg.model.vae))
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -355,7 +372,7 @@ class Trainer:
             if slow:
                 time.sleep(slow[0])
             res = train_step(self.engine, micro_batches, self.dp_size, self.dp_group, self.dist.device, self.dtype, touch_all,
-                             dict(cfg.train.loss_weights))
+                             groups=self.loss_groups)
             if self.dist.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -405,10 +422,12 @@ class Trainer:
             loss=res.loss,
             loss_und=res.task_loss["und"],
             loss_text=res.task_loss["text"],
-            loss_gen=res.task_loss["gen"],
+            loss_gen=res.task_loss.get("gen"),
             tokens_und=res.task_tokens["und"],
             tokens_text=res.task_tokens["text"],
-            tokens_gen=res.task_tokens["gen"],
+            tokens_gen=res.task_tokens["gen"] if "gen" in res.task_tokens else int(res.counts["gen_inputs"]),
+            loss_flow=res.task_loss.get("flow"),
+            loss_repa=res.task_loss.get("repa"),
             grad_norm=res.grad_norm,
             tokens_per_s=res.tokens / dt,
             samples_per_s=res.samples / dt,
@@ -443,8 +462,10 @@ class Trainer:
 
     def _export_hf(self, stage: StageSettings) -> None:
         if self.dist.is_main:
-            out = export_checkpoint(self.last_checkpoint, self.run_dir / "exports" / f"stage{stage.index}", "hf")
-            log.info("stage %d exported in HF format to %s", stage.index, out)
+            # transformers has no JanusFlow: its export is DeepSeek's release layout.
+            fmt = "deepseek" if self.family.gen_kind == "flow" else "hf"
+            out = export_checkpoint(self.last_checkpoint, self.run_dir / "exports" / f"stage{stage.index}", fmt)
+            log.info("stage %d exported in %s format to %s", stage.index, fmt, out)
         barrier()
 
 

@@ -14,7 +14,8 @@ import torch
 
 from janus_train.models.janusflow import config_formats, keys
 from janus_train.models.janusflow.config import JanusFlowConfig
-from janus_train.models.janusflow.model import FlowInputs, JanusFlowModel
+from janus_train.contracts.batch import PackedBatch
+from janus_train.models.janusflow.model import JanusFlowModel
 from janus_train.models.summary import main as summary_main
 
 IGNORE = -100
@@ -27,7 +28,7 @@ def _model(seed: int = 0) -> JanusFlowModel:
     return model
 
 
-def _row(cfg: JanusFlowConfig, und: bool = True, gen: bool = True, n_gen: int = 1, seq_len: int = 96) -> FlowInputs:
+def _row(cfg: JanusFlowConfig, und: bool = True, gen: bool = True, n_gen: int = 1, seq_len: int = 96) -> PackedBatch:
     """One packed row: [und doc: BOS, image (1 + patches), question, answer] [gen docs: prompt,
     time, latents]... padding; answers supervise CE, latents the flow and REPA losses."""
     g = torch.Generator().manual_seed(1)
@@ -57,9 +58,9 @@ def _row(cfg: JanusFlowConfig, und: bool = True, gen: bool = True, n_gen: int = 
     side, lat = cfg.image_size, cfg.latent_size
     m = n_gen if gen else 0
     t = torch.tensor
-    return FlowInputs(
+    return PackedBatch(
         input_ids=t([ids]), position_ids=t([pos]), cu_seqlens=t(bounds, dtype=torch.int32), max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])),
-        labels=t([labels]), loss_task=t([task]), und_image_mask=t([und_m]), gen_time_mask=t([time_m]), gen_latent_mask=t([lat_m]),
+        labels=t([labels]), loss_task=t([task]), und_image_mask=t([und_m]), gen_time_mask=t([time_m]), gen_input_mask=t([lat_m]),
         und_pixel_values=torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8, generator=g) if und else None,
         gen_latents=torch.randn(m, cfg.flow.latent_channels, lat, lat, generator=g) if m else None,
         gen_noise=torch.randn(m, cfg.flow.latent_channels, lat, lat, generator=g) if m else None,
@@ -126,7 +127,7 @@ def test_mask_count_mismatch_is_named():
     batch.gen_latents = torch.cat([batch.gen_latents, batch.gen_latents])
     batch.gen_noise = torch.cat([batch.gen_noise, batch.gen_noise])
     batch.gen_t = torch.cat([batch.gen_t, batch.gen_t])
-    with pytest.raises(ValueError, match="gen_latent_mask marks 16 positions but 2 gen documents give 32"):
+    with pytest.raises(ValueError, match="gen_input_mask marks 16 positions but 2 gen documents give 32"):
         model(batch)
 
 
@@ -257,3 +258,65 @@ def test_convert_refusals(tmp_path):
     pro = make_tiny_checkpoint(tmp_path / "pro", fmt="hf")
     with pytest.raises(CheckpointError, match="for JanusFlow only"):
         convert(pro, "hf", tmp_path / "pro_ds", "deepseek")
+
+
+@pytest.mark.parametrize("mode,every", [("full", 2), ("selective", 2), ("selective", 1)])
+def test_recompute_gives_identical_gradients(mode, every):
+    """Activation checkpointing changes memory, not gradients (bit-identical on CPU)."""
+    import copy
+
+    model = _model().train()
+    batch = _row(model.config, n_gen=2, seq_len=128)
+
+    def grads(m):
+        out = m(batch)
+        sum(out.loss_sum[k] / out.count[k].clamp(min=1) for k in out.loss_sum).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref = grads(copy.deepcopy(model))
+    m = copy.deepcopy(model)
+    m.apply_recompute(mode, every)
+    assert any(layer.recompute_mode != "none" for layer in m.llm.layers)
+    got = grads(m)
+    assert got.keys() == ref.keys()
+    for name, g in ref.items():
+        assert torch.equal(got[name], g), name
+
+
+def test_recipe_is_table_1_with_the_papers_freeze_rules():
+    """recipes/recipe/janusflow_1_3b.yaml: the paper's Table 1 per stage (our ratio order is
+    und:text:gen), and the freeze rules: stage 1 only the new parts (LLM and SigLIP frozen),
+    stage 2 all but SigLIP, stage 3 everything."""
+    from janus_train.models.families import JANUSFLOW
+    from janus_train.training.config import load_config, validate_config
+    from janus_train.training.stages import apply_freeze
+
+    run = validate_config(load_config(["+recipe=janusflow_1_3b"]), check_paths=False, complete=False)
+    stages = {s.index: s for s in run.enabled_stages()}
+    table1 = {1: (1e-4, 2000, 10_000, 512, (50, 0, 50)), 2: (1e-4, 2000, 390_000, 512, (14, 6, 80)), 3: (2e-5, 1000, 26_000, 256, (21, 9, 70))}
+    for i, (lr, warmup, steps, batch, ratio) in table1.items():
+        s = stages[i]
+        assert (s.lr, s.warmup_steps, s.steps, s.global_batch, s.decay) == (lr, warmup, steps, batch, "constant"), i
+        assert tuple(s.ratio) == ratio, i
+    assert stages[2].ratio_phases == [(10_000, (30, 20, 50))] and not stages[1].ratio_phases and not stages[3].ratio_phases
+    assert tuple(run.train.optimizer.betas) == (0.9, 0.95) and run.train.optimizer.weight_decay == 0 and run.train.grad_clip == 1.0
+    assert run.data.seq_len == 4096 and run.model.family is JANUSFLOW
+    with torch.device("meta"):
+        model = JanusFlowModel(run.model.model_config_for())
+    new_parts = {"und_aligner", "und_begin", "gen_encoder", "gen_enc_aligner", "gen_dec_norm", "gen_dec_aligner", "gen_decoder", "repa_proj"}
+    expect = {1: new_parts, 2: set(JANUSFLOW.components) - {"vision"}, 3: set(JANUSFLOW.components)}
+    for i, trains in expect.items():
+        state = apply_freeze(model, stages[i].trainable)
+        assert {c for c, on in state.items() if on} == trains, i
+        for comp in JANUSFLOW.components:
+            params = [model.und_begin] if comp == "und_begin" else list(getattr(model, comp).parameters())
+            assert all(p.requires_grad == (comp in trains) for p in params), (i, comp)
+
+
+def test_trainable_names_are_checked_against_the_family():
+    from janus_train.training.config import ConfigError, load_config, validate_config
+
+    cfg = load_config(["+recipe=janusflow_1_3b", "train.stages.stage1.trainable=[gen_head]"])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg, check_paths=False, complete=False)
+    assert e.value.key == "train.stages.stage1.trainable" and "gen_head" in str(e.value)

@@ -52,6 +52,9 @@ def test_loss_trend_detects_a_flat_task():
     assert trend["text"] is None
     assert trend["und"] == (5.0, 5.0)
     assert trend["gen"][1] < trend["gen"][0]
+    assert "flow" not in trend and "repa" not in trend  # JanusFlow's losses: absent from a Janus-Pro run
+    flow = loss_trend([{"loss_und": 5.0, "loss_text": None, "loss_gen": None, "loss_flow": 2.0 - 0.1 * i, "loss_repa": 1.0} for i in range(10)])
+    assert "gen" not in flow and flow["flow"][1] < flow["flow"][0] and flow["repa"] == (1.0, 1.0)
 
 
 def test_eval_table_rows_and_missing_values():
@@ -61,3 +64,22 @@ def test_eval_table_rows_and_missing_values():
     assert len(table) == 3 and "und acc" in table[0] and "gen acc" in table[0]
     assert table[1].split()[:4] == ["2", "1", "0.500", "0.250"]
     assert table[2].split()[2:] == ["0.750", "-"]
+
+
+def test_janusflow_demo_runs_evaluates_and_reports(tmp_path):
+    """`make demo-flow` shortened: a tiny VAE trained first, gen shards of its latents, the
+    JanusFlow run on 2 ranks with an evaluation per stage, and the report with the flow losses."""
+    cmd = [sys.executable, "-m", "janus_train.tools.demo", "--recipe", "janusflow_tiny_demo", "--out", str(tmp_path), *SHORT,
+           "eval.flow_steps=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert r.returncode in (0, 4), r.stdout[-4000:] + r.stderr[-4000:]
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows if "eval/und_acc" in m] == [6, 18, 24]
+    assert all(m["loss_gen"] is None for m in rows) and all(m["loss_flow"] is not None for m in rows if m["tokens_gen"])
+    assert "val loss flow" in r.stdout and "gen acc" in r.stdout and "loss flow:" in r.stdout and "loss repa:" in r.stdout
+    vae = json.loads((tmp_path / "data" / "tokenizer" / "report.json").read_text())
+    assert vae["kind"] == "vae" and vae["held_out"]["scored_images"] > 0
+    export = run / "exports" / "stage3"
+    assert "vision_gen_enc_config" in json.loads((export / "config.json").read_text())  # DeepSeek's release layout
+    assert (run / "eval" / "step_00000024" / "gen_grid.png").is_file() and list((run / "samples").glob("*.png"))

@@ -100,27 +100,8 @@ class JanusModel(nn.Module):
                 self.vq.codebook.weight.copy_(F.normalize(self.vq.codebook.weight, dim=-1))
 
     def apply_recompute(self, mode: str, every: int = 2) -> None:
-        """Recompute LLM block activations in backward instead of keeping them.
-
-        none       keep everything.
-        full       every block: keep only its input, recompute the whole block.
-        selective  every >= 2: full recomputation of every `every`-th block (0, every, ...);
-                   every == 1: every block recomputes its attention half only (norm, q/k/v,
-                   RoPE, attention, o_proj) and keeps its MLP activations.
-        """
-        if every < 1:
-            raise ValueError(f"recompute_every={every} must be >= 1")
-        for i, layer in enumerate(self.llm.layers):
-            if mode == "full":
-                layer.recompute_mode = "full"
-            elif mode == "selective" and every == 1:
-                layer.recompute_mode = "attn"
-            elif mode == "selective":
-                layer.recompute_mode = "full" if i % every == 0 else "none"
-            elif mode == "none":
-                layer.recompute_mode = "none"
-            else:
-                raise ValueError(f"recompute={mode!r} is not one of none|full|selective")
+        """Activation recomputation of the LLM blocks (`LanguageModel.apply_recompute`)."""
+        self.llm.apply_recompute(mode, every)
 
     # ---- embeddings ----------------------------------------------------------------------
     def embed_und_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -220,12 +201,8 @@ class JanusModel(nn.Module):
 
     # ---- incremental decoding (inference) ------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.llm.embed_tokens.weight
-        c = self.config.llm
-        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, p.device, p.dtype)
+        return self.llm.new_cache(batch, max_len)
 
     def decode_step(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run new positions [B, T, H] through the LLM with the cache; returns hidden [B, T, H]."""
-        b, t, _ = inputs_embeds.shape
-        pos = torch.arange(cache.length, cache.length + t, device=inputs_embeds.device)[None].expand(b, t)
-        return self.llm(inputs_embeds, pos, None, self.config.attention, cache=cache)
+        return self.llm.decode_step(inputs_embeds, cache, self.config.attention)

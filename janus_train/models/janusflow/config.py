@@ -48,8 +48,11 @@ class FlowConfig:
     repa_layer: int = 6
     repa_hidden: int = 2048
     repa_weight: float = 1.0
-    # Classifier-free guidance: probability of training a gen document without its prompt.
-    cond_drop_prob: float = 0.1
+    # Training times t ~ logit-normal(mean, std) (sigmoid of a normal draw). The paper follows
+    # SD3 without giving the parameters; SD3's default is (0, 1). The prompt dropout for
+    # classifier-free guidance is the data's `cfg_dropout` (one setting for both families).
+    t_logit_mean: float = 0.0
+    t_logit_std: float = 1.0
 
 
 @dataclass
@@ -81,6 +84,12 @@ class JanusFlowConfig:
         return self.gen_grid * self.gen_grid
 
     @property
+    def num_image_tokens(self) -> int:
+        """Image placeholder tokens per understanding image (SigLIP patches), as Janus-Pro counts them."""
+        side = self.vision.image_size // self.vision.patch_size
+        return side * side
+
+    @property
     def num_und_tokens(self) -> int:
         """Positions an understanding image fills: the begin-of-understanding embedding + patches."""
         side = self.vision.image_size // self.vision.patch_size
@@ -105,8 +114,8 @@ class JanusFlowConfig:
             raise ValueError(f"flow.kernel_size={fl.kernel_size} must be >= flow.patch_size={fl.patch_size}")
         if not 1 <= fl.repa_layer <= llm.num_layers:
             raise ValueError(f"flow.repa_layer={fl.repa_layer} must be within 1..llm.num_layers={llm.num_layers}")
-        if not 0.0 <= fl.cond_drop_prob < 1.0:
-            raise ValueError(f"flow.cond_drop_prob={fl.cond_drop_prob} must be in [0, 1)")
+        if not fl.t_logit_std > 0:
+            raise ValueError(f"flow.t_logit_std={fl.t_logit_std} must be > 0")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_BACKENDS}")
         if self.recompute not in RECOMPUTE_MODES:
@@ -182,4 +191,18 @@ def janusflow_tiny() -> JanusFlowConfig:
     )
 
 
-PRESETS = {"janusflow_tiny": janusflow_tiny, "janusflow_1_3b": janusflow_1_3b}
+def janusflow_mini32() -> JanusFlowConfig:
+    """The JanusFlow demo's model: Janus-Pro's `mini32` LLM (4 x 128) and SigLIP (32 px, patch 8:
+    16 und patches), and a generation path at the same grid: a VAE with 4x downsampling (32 px ->
+    4 x 8 x 8 latents, `train_tokenizer --kind vae`), patchified 2 x 2 into 16 latent tokens, so
+    REPA compares 4 x 4 grids as the release compares 24 x 24 ones. REPA at block 2 of 4."""
+    return JanusFlowConfig(
+        name="janusflow_mini32",
+        llm=LLMConfig(vocab_size=1024, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=4,
+                      max_position_embeddings=4096),
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=2, aligner_depth=1),
+        flow=FlowConfig(vae_downsample=4, width=64, repa_layer=2, repa_hidden=128),
+    )
+
+
+PRESETS = {"janusflow_tiny": janusflow_tiny, "janusflow_mini32": janusflow_mini32, "janusflow_1_3b": janusflow_1_3b}

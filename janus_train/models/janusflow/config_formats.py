@@ -10,6 +10,8 @@ from the parts instead, so checkpoints at other sizes (our tiny ones) use the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 from janus_train.models.janusflow.config import FlowConfig, JanusFlowConfig
@@ -67,7 +69,9 @@ def config_from_release(d: dict[str, Any], name: str = "from_release") -> JanusF
     if int(dec.get("out_channels", 3)) != latent:
         raise ValueError(f"vision_gen_dec_config out_channels={dec.get('out_channels')} != encoder input_channels={latent}")
     stride = int(enc.get("stride", 4))
-    extra = dict(enc.get("janus_train", {}))  # training-only settings kept by our exports
+    # Training-only settings kept by our exports; keys of other versions are ignored.
+    known = {f.name for f in dataclasses.fields(FlowConfig)}
+    extra = {k: v for k, v in dict(enc.get("janus_train", {})).items() if k in known}
     flow = FlowConfig(
         latent_channels=latent,
         patch_size=stride,
@@ -89,7 +93,7 @@ def config_to_release(cfg: JanusFlowConfig) -> dict[str, Any]:
     common = {"block_out_channels": [fl.width], "layers_in_middle": None, "hidden_size": llm.hidden_size, "norm_eps": fl.norm_eps,
               "elementwise_affine": True, "use_bias": True, "dropout": 0.0, "use_mid_block": True}
     enc = dict(common, input_channels=fl.latent_channels, stride=fl.patch_size, kernel_size=fl.kernel_size, layers_in_middle=fl.encoder_blocks,
-               janus_train={k: getattr(fl, k) for k in ("vae_downsample", "ffn_factor", "repa_layer", "repa_hidden", "repa_weight", "cond_drop_prob")})
+               janus_train={k: getattr(fl, k) for k in ("vae_downsample", "ffn_factor", "repa_layer", "repa_hidden", "repa_weight", "t_logit_mean", "t_logit_std")})
     dec = dict(common, in_channels=fl.width, out_channels=fl.latent_channels, upsamples=1, layers_in_middle=fl.decoder_blocks)
     return {
         "model_type": "multi_modality",

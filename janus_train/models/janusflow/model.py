@@ -14,18 +14,20 @@ generation in the same LLM.
           clean image (cosine; SigLIP gets no gradient from it).
     text: token ids -> embed_tokens; LLM outputs -> lm_head -> next token
 
-Noise z0 and times t come from the caller (the data loader draws them from its own seeded
+The input is the packed batch of both families (`contracts.batch.PackedBatch`, with its JanusFlow
+fields). Noise z0 and times t come from it (the data loader draws them from its own seeded
 stream), so a resumed run replays them bit for bit. Nothing here knows about ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from janus_train.contracts.batch import PackedBatch
 from janus_train.models.attention import PackedDocs
 from janus_train.models.heads import MLPProjector, per_token_cross_entropy
 from janus_train.models.janusflow.config import COMPONENTS, TRAINING_ONLY, JanusFlowConfig
@@ -37,46 +39,17 @@ from janus_train.models.siglip import SigLIPVisionTower
 TIME_SCALE = 1000.0
 
 
-@dataclass
-class FlowInputs:
-    """One packed step of JanusFlow data (shapes: R rows, S positions, N und images, M gen docs).
-
-    input_ids        long [R, S]   text ids; placeholders at image / time / latent positions
-    position_ids     long [R, S]   restart at 0 per document
-    cu_seqlens       int32 [D+1]   document boundaries of the row-major stream (as Janus-Pro's)
-    max_seqlen       int
-    labels           long [R, S]   next text token (IGNORE_INDEX -100 where no CE)
-    loss_task        long [R, S]   0 und / 1 text for CE positions, -1 elsewhere
-    und_image_mask   bool [R, S]   1 + patches positions per und image, in image order
-    und_pixel_values [N, 3, H, W]  uint8 (normalised on the device) or float (normalised)
-    gen_time_mask    bool [R, S]   one position per gen document, in document order
-    gen_latent_mask  bool [R, S]   G positions per gen document, in document order
-    gen_latents      float [M, C, h, w]  clean VAE latents x1 (scaled as the VAE's training)
-    gen_noise        float [M, C, h, w]  z0
-    gen_t            float [M]     flow time in [0, 1]
-    gen_repa_pixels  [M, 3, H, W] or None  the clean image at SigLIP's preprocessing (REPA)
-    """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    labels: torch.Tensor
-    loss_task: torch.Tensor
-    und_image_mask: torch.Tensor
-    gen_time_mask: torch.Tensor
-    gen_latent_mask: torch.Tensor
-    und_pixel_values: torch.Tensor | None = None
-    gen_latents: torch.Tensor | None = None
-    gen_noise: torch.Tensor | None = None
-    gen_t: torch.Tensor | None = None
-    gen_repa_pixels: torch.Tensor | None = None
+# The losses JanusFlowModel reports, in order.
+LOSSES: tuple[str, ...] = ("und", "text", "flow", "repa")
 
 
-@dataclass
-class FlowLosses:
+class FlowLosses(NamedTuple):
     """Summed per-task losses and their normalisers: CE tokens for und/text, latent elements
-    for flow, latent tokens for REPA."""
+    for flow, latent tokens for REPA.
+
+    A NamedTuple, not a dataclass: ZeRO-3 finds the output tensors of a tuple (not of a
+    dataclass) to hook the model's backward, which re-gathers the parameters that sit directly
+    on the model (`und_begin`); without that hook they stay partitioned and backward fails."""
 
     loss_sum: dict[str, torch.Tensor]
     count: dict[str, torch.Tensor]
@@ -103,8 +76,13 @@ class JanusFlowModel(nn.Module):
         self.gen_dec_aligner = nn.Linear(h, fl.width)
         self.gen_decoder = FlowDecoder(fl, h)
         self.repa_proj = RepaProjector(h, fl.repa_hidden, c.vision.hidden_size)
+        self.llm.apply_recompute(c.recompute, c.recompute_every)
 
     # ---- setup ---------------------------------------------------------------------------
+    def apply_recompute(self, mode: str, every: int = 2) -> None:
+        """Activation recomputation of the LLM blocks (`LanguageModel.apply_recompute`)."""
+        self.llm.apply_recompute(mode, every)
+
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """Fresh random weights: normal(0, std) linears/convs/embeddings, zero biases, unit norms;
         GRN scales stay zero (identity), as ConvNeXt-V2 initialises them."""
@@ -157,26 +135,44 @@ class JanusFlowModel(nn.Module):
         return self.gen_decoder(x, skip, t_emb)
 
     # ---- training forward ----------------------------------------------------------------
-    def forward(self, batch: FlowInputs) -> FlowLosses:
-        """Summed losses per task (`und`, `text`: CE; `flow`: squared error; `repa`: 1 - cos)."""
+    def forward(self, batch: PackedBatch, touch_all: bool = False) -> FlowLosses:
+        """Summed losses per task (`und`, `text`: CE; `flow`: squared error; `repa`: 1 - cos).
+
+        `touch_all=True` runs every branch the batch lacks on dummy input scaled by 0, so every
+        rank touches the same parameters in every micro-step (ZeRO-3 gathers hang otherwise).
+        """
         c = self.config
         ids = batch.input_ids
-        special = batch.und_image_mask | batch.gen_time_mask | batch.gen_latent_mask
+        latent_mask = batch.gen_input_mask
+        time_mask = batch.gen_time_mask if batch.gen_time_mask is not None else torch.zeros_like(latent_mask)
+        special = batch.und_image_mask | time_mask | latent_mask
         x = self.llm.embed_tokens(ids.masked_fill(special, 0))
         if batch.und_pixel_values is not None and batch.und_pixel_values.shape[0] > 0:
             und = self.embed_und_images(batch.und_pixel_values)
             _scatter_check(batch.und_image_mask, und, "und_image_mask", "und images")
             x = x.masked_scatter(batch.und_image_mask[..., None], und.reshape(-1, und.shape[-1]).to(x.dtype))
-        n_gen = 0 if batch.gen_latents is None else batch.gen_latents.shape[0]
+        elif touch_all:
+            side = c.vision.image_size
+            x = x + 0.0 * self.embed_und_images(torch.zeros(1, 3, side, side, device=x.device, dtype=x.dtype)).sum()
+        n_gen = batch.num_gen_docs
         if n_gen:
             x1, z0 = batch.gen_latents.to(x.dtype), batch.gen_noise.to(x.dtype)
             t = batch.gen_t.to(x.dtype)
             z_t = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * z0
             tokens, t_emb, skip = self.encode_latents(z_t, t)
-            _scatter_check(batch.gen_latent_mask, tokens, "gen_latent_mask", "gen documents")
-            _scatter_check(batch.gen_time_mask, t_emb[:, None], "gen_time_mask", "gen documents")
-            x = x.masked_scatter(batch.gen_latent_mask[..., None], tokens.reshape(-1, tokens.shape[-1]).to(x.dtype))
-            x = x.masked_scatter(batch.gen_time_mask[..., None], t_emb.to(x.dtype))
+            _scatter_check(latent_mask, tokens, "gen_input_mask", "gen documents")
+            _scatter_check(time_mask, t_emb[:, None], "gen_time_mask", "gen documents")
+            x = x.masked_scatter(latent_mask[..., None], tokens.reshape(-1, tokens.shape[-1]).to(x.dtype))
+            x = x.masked_scatter(time_mask[..., None], t_emb.to(x.dtype))
+        elif touch_all:
+            # A dummy latent along a real gen document's path (encoder -> LLM input here, LLM
+            # output -> decoder and REPA projector below), scaled by 0. A separate branch
+            # outside the LLM would make these gradients ready in another order than on a rank
+            # with gen documents, and ZeRO-2 reduces its gradient bucket in that order.
+            side = c.latent_size
+            z = torch.zeros(1, c.flow.latent_channels, side, side, device=x.device, dtype=x.dtype)
+            tokens, t_emb, skip = self.encode_latents(z, torch.zeros(1, device=x.device, dtype=x.dtype))
+            x = x + 0.0 * (tokens.sum() + t_emb.sum()).to(x.dtype)
         docs = PackedDocs.from_cu_seqlens(batch.cu_seqlens, batch.max_seqlen, ids.shape[0], ids.shape[1])
         hidden, mid = self.llm(x, batch.position_ids, docs, c.attention, capture_layer=c.flow.repa_layer)
 
@@ -185,32 +181,67 @@ class JanusFlowModel(nn.Module):
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         labels, task = batch.labels.reshape(-1), batch.loss_task.reshape(-1)
         idx = (task >= 0).nonzero(as_tuple=True)[0]
-        ce = per_token_cross_entropy(self.lm_head, flat_h[idx], labels[idx]) if idx.numel() else flat_h.new_zeros(0)
-        for name, tid in (("und", 0), ("text", 1)):
-            m = task[idx] == tid
-            loss_sum[name] = (ce.float() * m).sum()
-            count[name] = m.sum()
         zero = flat_h.new_zeros((), dtype=torch.float32)
+        if idx.numel():
+            ce = per_token_cross_entropy(self.lm_head, flat_h[idx], labels[idx]).float()
+            for name, tid in (("und", 0), ("text", 1)):
+                m = task[idx] == tid
+                loss_sum[name] = (ce * m).sum()
+                count[name] = m.sum()
+        else:
+            extra = 0.0 * self.lm_head(flat_h[:1]).float().sum() if touch_all else zero
+            for name in ("und", "text"):
+                loss_sum[name] = extra + zero
         if n_gen:
             g = c.num_gen_tokens
-            gen_h = hidden[batch.gen_latent_mask].view(n_gen, g, -1)
+            gen_h = hidden[latent_mask].view(n_gen, g, -1)
             v = self.decode_velocity(gen_h, skip, t_emb)
             target = (x1 - z0).float()
             loss_sum["flow"] = (v.float() - target).pow(2).sum()
             count["flow"] = torch.tensor(target.numel(), device=x.device)
             if batch.gen_repa_pixels is not None:
+                pred = self.repa_proj(mid[latent_mask].view(n_gen, g, -1))
                 with torch.no_grad():
                     ref = self.vision(batch.gen_repa_pixels)
-                pred = self.repa_proj(mid[batch.gen_latent_mask].view(n_gen, g, -1))
                 if ref.shape[1] != g:
                     raise ValueError(f"REPA needs SigLIP's grid ({ref.shape[1]} patches) to match the gen grid ({g} tokens)")
                 cos = F.cosine_similarity(pred.float(), ref.float(), dim=-1)
                 loss_sum["repa"] = (1 - cos).sum()
                 count["repa"] = torch.tensor(cos.numel(), device=x.device)
-        for name in ("flow", "repa"):
+            elif touch_all:
+                loss_sum["repa"] = self._touch_repa(mid)
+        elif touch_all:
+            v = self.decode_velocity(hidden[:1, :1].expand(1, c.num_gen_tokens, -1), skip, t_emb)
+            loss_sum["flow"] = 0.0 * v.float().sum()
+            loss_sum["repa"] = self._touch_repa(mid)
+        for name in LOSSES:
             loss_sum.setdefault(name, zero)
             count.setdefault(name, torch.zeros((), dtype=torch.long, device=x.device))
-        return FlowLosses(loss_sum, count)
+        return FlowLosses({n: loss_sum[n] for n in LOSSES}, {n: count[n] for n in LOSSES})
+
+    def _touch_repa(self, mid: torch.Tensor) -> torch.Tensor:
+        """REPA's modules as a real gen document runs them (the projector, then SigLIP without
+        gradient for the target) on dummy input, scaled by 0: under ZeRO-3 every rank must run
+        the same modules in the same order (each one gathers its parameters)."""
+        pred = self.repa_proj(mid[:1, :1])
+        side = self.config.vision.image_size
+        with torch.no_grad():
+            self.vision(torch.zeros(1, 3, side, side, device=mid.device, dtype=mid.dtype))
+        return 0.0 * pred.float().sum()
+
+    # ---- inference -------------------------------------------------------------------------
+    # The same interface as JanusModel's (inference/understand.py runs on either family); the
+    # cache and decoding are the shared LanguageModel's.
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def new_cache(self, batch: int, max_len: int):
+        """An empty `models.llm.KVCache` for `batch` rows of up to `max_len` positions."""
+        return self.llm.new_cache(batch, max_len)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, cache) -> torch.Tensor:
+        """Run new positions [B, T, H] through the LLM with the cache; returns hidden [B, T, H]."""
+        return self.llm.decode_step(inputs_embeds, cache, self.config.attention)
 
 
 class RepaProjector(nn.Module):
