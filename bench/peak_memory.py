@@ -1,6 +1,7 @@
 """Measured peak memory of a CPU train step next to the memory plan's estimate.
 
     python bench/peak_memory.py --model tiny --rows 16 --seq-len 512 [--recompute full]
+    python bench/peak_memory.py --model janusflow_tiny --rows 16 --seq-len 512 --ratio 1:1:4
 
 Measurement (in a fresh child process, so nothing else is resident): build the packed batch,
 run one warm-up step of a 1-block copy of the model (thread pools and kernels initialise
@@ -12,7 +13,9 @@ it. glibc is told to serve allocations above 64 KiB with mmap (MALLOC_MMAP_THRES
 freed tensors go back to the OS and the high-water mark tracks live tensors, not heap
 fragmentation.
 
-The estimate is `plan_memory` for the same model, batch composition and checkpointing, with
+The batch is `contracts.synthetic`'s mixed und/text/gen rows (`--ratio` und:text:gen documents;
+for a JanusFlow model the gen documents carry latents, noise, times and REPA images). The
+estimate is `plan_memory` for the same model, batch composition and checkpointing, with
 engine=torch (a plain loop: fp32 weights and gradients, AdamW's two fp32 states, no DeepSpeed
 buffers) and no GPU runtime overhead. Prints one JSON line.
 """
@@ -47,7 +50,10 @@ def _hwm_bytes() -> int:
 
 def _step(model, opt, batch) -> None:
     out = model(batch)
-    (out.total_sum() / sum(out.num_tokens.values())).backward()
+    if hasattr(out, "total_sum"):  # Janus-Pro
+        (out.total_sum() / sum(out.num_tokens.values())).backward()
+    else:  # JanusFlow: each loss over its own count
+        sum(v / max(int(out.count[k]), 1) for k, v in out.loss_sum.items()).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -56,22 +62,23 @@ def child(args) -> dict:
     import torch
 
     from janus_train.contracts.synthetic import batch_with_rows
-    from janus_train.models.janus.config import JanusConfig
-    from janus_train.models.janus.model import JanusModel
+    from janus_train.models.families import family_of_preset
 
     torch.set_num_threads(args.threads)
+    family = family_of_preset(args.model)
     overrides = {"attention": args.attention, "recompute": args.recompute, "recompute_every": args.recompute_every}
-    cfg = JanusConfig.from_preset(args.model, overrides)
-    batch = batch_with_rows(cfg, args.rows, args.seq_len, seed=args.seed)
+    cfg = family.config(args.model, overrides)
+    batch = batch_with_rows(cfg, args.rows, args.seq_len, seed=args.seed, mix=_mix(args))
     # Warm-up on a one-block model: allocator, thread pools and kernels initialise outside the window.
-    warm = JanusModel(JanusConfig.from_preset(args.model, {**overrides, "llm.num_layers": 1}))
+    one_block = {"llm.num_layers": 1, **({"flow.repa_layer": 1} if family.gen_kind == "flow" else {})}
+    warm = family.build(family.config(args.model, {**overrides, **one_block}))
     _step(warm, torch.optim.AdamW(warm.parameters()), batch)
     del warm
     gc.collect()
     base = _rss_bytes()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    model = JanusModel(cfg)
+    model = family.build(cfg)
     model.init_weights(seed=args.seed)
     model.train()
     if args.head_chunk:
@@ -93,20 +100,31 @@ def child(args) -> dict:
         "gen_supervised": sup["gen"],
         "gen_inputs": int(batch.gen_input_mask.sum()),
         "und_images": 0 if batch.und_pixel_values is None else int(batch.und_pixel_values.shape[0]),
+        "gen_images": batch.num_gen_docs,
     }
 
 
-def estimate(args, composition: dict):
-    from janus_train.models.janus.config import JanusConfig
-    from janus_train.tools.memory_plan import PlanSettings, plan_memory
-    from janus_train.models.janus.config import TRAINABLE
+def _mix(args):
+    from janus_train.contracts.synthetic import DocMix
 
-    cfg = JanusConfig.from_preset(args.model, {"attention": args.attention})
+    ratio = tuple(int(x) for x in args.ratio.split(":"))
+    if len(ratio) != 3 or min(ratio) < 0 or not sum(ratio):
+        raise SystemExit(f"--ratio {args.ratio!r}: three non-negative integers und:text:gen")
+    return DocMix(ratio=ratio)
+
+
+def estimate(args, composition: dict):
+    from janus_train.models.families import family_of_preset
+    from janus_train.tools.memory_plan import PlanSettings, plan_memory
+
+    family = family_of_preset(args.model)
+    cfg = family.config(args.model, {"attention": args.attention})
+    trainable = [c for c in family.components if c not in family.always_frozen]
     settings = PlanSettings(
-        model=cfg, trainable=list(TRAINABLE), zero_stage=0, dp=1, tp=1, micro_batch_rows=args.rows, seq_len=args.seq_len,
+        model=cfg, trainable=trainable, zero_stage=0, dp=1, tp=1, micro_batch_rows=args.rows, seq_len=args.seq_len,
         dtype="fp32", recompute=args.recompute, recompute_every=args.recompute_every, attention=args.attention,
         engine="torch", text_supervised=composition["text_supervised"], gen_supervised=composition["gen_supervised"],
-        gen_inputs=composition["gen_inputs"], und_images=composition["und_images"], overhead_gib=0.0,
+        gen_inputs=composition["gen_inputs"], und_images=composition["und_images"], gen_images=composition["gen_images"], overhead_gib=0.0,
         head_chunk_tokens=args.head_chunk, sdpa_by_document=composition["sdpa_by_document"],
     )
     return plan_memory(settings)
@@ -114,7 +132,8 @@ def estimate(args, composition: dict):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--model", default="tiny", choices=["tiny", "small", "janusflow_tiny", "janusflow_mini32"])
+    p.add_argument("--ratio", default="2:3:5", help="und:text:gen documents in the batch (default 2:3:5)")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
@@ -142,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = estimate(args, comp)
     measured = comp["measured_bytes"]
     print(json.dumps({
-        "model": args.model, "rows": args.rows, "seq_len": args.seq_len, "attention": args.attention,
+        "model": args.model, "rows": args.rows, "seq_len": args.seq_len, "ratio": args.ratio, "attention": args.attention,
         "recompute": args.recompute, "recompute_every": args.recompute_every, "head_chunk": args.head_chunk, **comp,
         "estimated_bytes": int(plan.peak), "ratio_estimate_over_measured": round(plan.peak / measured, 4),
         "estimate_parts_mib": {k: round(v / 2**20, 2) for k, v in

@@ -5,10 +5,13 @@ The documents have the shape of real ones, with random ids:
   text  plain tokens; loss on every next token
   gen   BOS, caption, then num_image_tokens VQ codes; loss on the codes (predicted from the
         position before each code)
+  gen (JanusFlow config) BOS, caption, the time slot, num_gen_tokens latent slots; no CE
+        targets; a random latent draw (x1, z0, t) and, when REPA is on, a random uint8 image
 The model-dependent sizes come from a model config (`num_image_tokens`, `llm.vocab_size`,
-`vq.codebook_size`, `vision.image_size`, `image_token_id`). Used by the parallelism tests, the
-train-step benchmark and the memory-plan cross-check, so all of them exercise the same mixed
-und/text/gen rows, built by the loader's own `collate`.
+`vq.codebook_size`, `vision.image_size`, `image_token_id`; for JanusFlow `num_gen_tokens`,
+`latent_size`, `flow`). Used by the parallelism tests, the train-step benchmark and the
+memory-plan cross-check, so all of them exercise the same mixed und/text/gen rows, built by the
+loader's own `collate`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ FIRST_TEXT_ID = 4
 
 
 def image_token_id(cfg: Any) -> int:
-    return cfg.image_token_id if cfg.image_token_id is not None else cfg.llm.vocab_size - 1
+    tid = getattr(cfg, "image_token_id", None)  # JanusFlow's config has none
+    return tid if tid is not None else cfg.llm.vocab_size - 1
+
+
+def is_flow(cfg: Any) -> bool:
+    """A JanusFlow model config (rectified-flow generation) rather than Janus-Pro's."""
+    return hasattr(cfg, "flow")
 
 
 def _ids(rng: random.Random, n: int, cfg: Any) -> list[int]:
@@ -62,9 +71,25 @@ def und_doc(rng: random.Random, cfg: Any, prompt_len: int, answer_len: int, key:
 
 
 def gen_doc(rng: random.Random, cfg: Any, caption_len: int, key: str = "gen") -> Doc:
+    if is_flow(cfg):
+        return flow_gen_doc(rng, cfg, caption_len, key)
     prompt = [BOS_ID] + _ids(rng, caption_len, cfg)
     codes = [rng.randrange(cfg.vq.codebook_size) for _ in range(cfg.num_image_tokens)]
     return _doc(key, "gen", prompt + codes, first_target=len(prompt), gen_start=len(prompt))
+
+
+def flow_gen_doc(rng: random.Random, cfg: Any, caption_len: int, key: str = "gen") -> Doc:
+    """A JanusFlow gen document with its latent draw (x1, z0, t) and, when REPA is on, its image."""
+    prompt = [BOS_ID] + _ids(rng, caption_len, cfg)
+    ids = prompt + [BOS_ID] + [image_token_id(cfg)] * cfg.num_gen_tokens  # time slot, latent slots
+    g = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    shape = (cfg.flow.latent_channels, cfg.latent_size, cfg.latent_size)
+    draw = (torch.randn(shape, generator=g).numpy(), torch.randn(shape, generator=g).numpy(), float(torch.rand((), generator=g)))
+    side = cfg.image_size
+    pixels = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8, generator=g).numpy() if cfg.flow.repa_weight > 0 else None
+    doc = _doc(key, "gen", ids, first_target=len(ids), gen_start=len(prompt), pixels=pixels)
+    doc.flow = draw
+    return doc
 
 
 @dataclass
@@ -135,8 +160,9 @@ def mixed_batch(cfg: Any, seq_len: int, num_docs: int, seed: int = 0, mix: DocMi
 
 
 def rows_batch(cfg: Any, rows: list[list[Doc]], seq_len: int) -> PackedBatch:
-    batch = collate([Row(None, docs) for docs in rows], seq_len, PAD_ID, image_token_id(cfg))
-    batch.validate(cfg.num_image_tokens)
+    flow = is_flow(cfg)
+    batch = collate([Row(None, docs) for docs in rows], seq_len, PAD_ID, image_token_id(cfg), flow=flow)
+    batch.validate(cfg.num_und_tokens if flow else cfg.num_image_tokens)
     return batch
 
 

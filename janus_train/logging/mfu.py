@@ -29,10 +29,11 @@ import torch
 
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janus.config import grads_flow_into_llm
+from janus_train.models.janusflow.config import LLM_INPUTS as _FLOW_LLM_INPUTS
 from janus_train.models.janusflow.config import JanusFlowConfig
 
-# JanusFlow's parts that feed the LLM, and its generation path (one adaptor in the FLOP model).
-_FLOW_LLM_INPUTS = ("llm", "vision", "und_aligner", "und_begin", "gen_encoder", "gen_enc_aligner")
+# JanusFlow's generation path (one adaptor in the FLOP model); its parts that feed the LLM are
+# the config's LLM_INPUTS.
 _FLOW_GEN_PATH = ("gen_encoder", "gen_enc_aligner", "gen_dec_norm", "gen_dec_aligner", "gen_decoder")
 
 # Dense bf16 peaks (FLOP/s) by device-name fragment.

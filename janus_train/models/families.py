@@ -4,6 +4,7 @@
     cfg = family.config(preset, overrides)           # JanusConfig | JanusFlowConfig
     model = family.build(cfg)                        # JanusModel | JanusFlowModel
     family.check_trainable(["gen_encoder", ...])     # ValueError naming a bad component
+    family.grads_flow_into_llm(["und_aligner"])     # True: backward runs through the LLM
 
 Janus-Pro generates VQ codes (one cross-entropy over every supervised token); JanusFlow
 generates by rectified flow (CE for und/text, a velocity loss per latent element, and REPA per
@@ -37,6 +38,7 @@ class Family:
     components: tuple[str, ...]  # submodule names the freeze rules use
     always_frozen: tuple[str, ...]
     losses: tuple[str, ...]  # the names of the model's loss_sum entries, in order
+    llm_inputs: tuple[str, ...]  # components whose outputs feed the LLM (and the LLM itself)
 
     def config(self, preset: str, overrides: dict[str, Any] | None = None):
         cls = flow_config.JanusFlowConfig if self.gen_kind == "flow" else janus_config.JanusConfig
@@ -50,6 +52,10 @@ class Family:
         from janus_train.models.janus.model import JanusModel
 
         return JanusModel(cfg)
+
+    def grads_flow_into_llm(self, trainable: list[str]) -> bool:
+        """Whether backward passes through the LLM (it trains, or something before it does)."""
+        return bool(set(self.llm_inputs) & set(trainable))
 
     def check_trainable(self, trainable: list[str]) -> None:
         """ValueError naming the first component that cannot train."""
@@ -76,8 +82,10 @@ class Family:
                 LossGroup(("repa",), None if repa_w == 1.0 else {"repa": repa_w})]
 
 
-JANUS = Family("janus", "vq", janus_config.PRESETS, janus_config.COMPONENTS, janus_config.ALWAYS_FROZEN, ("und", "text", "gen"))
-JANUSFLOW = Family("janusflow", "flow", flow_config.PRESETS, flow_config.COMPONENTS, (), ("und", "text", "flow", "repa"))
+JANUS = Family("janus", "vq", janus_config.PRESETS, janus_config.COMPONENTS, janus_config.ALWAYS_FROZEN, ("und", "text", "gen"),
+               janus_config.LLM_INPUTS)
+JANUSFLOW = Family("janusflow", "flow", flow_config.PRESETS, flow_config.COMPONENTS, (), ("und", "text", "flow", "repa"),
+                   flow_config.LLM_INPUTS)
 FAMILIES: tuple[Family, ...] = (JANUS, JANUSFLOW)
 ALL_PRESETS: tuple[str, ...] = tuple(p for f in FAMILIES for p in f.presets)
 

@@ -47,10 +47,11 @@ def chunked_cross_entropy(
 
 
 def apply_chunked_head_loss(model: nn.Module, chunk_tokens: int = 1024) -> nn.Module:
-    """Make lm_head and gen_head compute their CE in recomputed chunks; in place, idempotent."""
+    """Make lm_head and gen_head (the model's heads of the two: JanusFlow has no gen_head)
+    compute their CE in recomputed chunks; in place, idempotent."""
     if chunk_tokens < 1:
         raise ValueError(f"head chunk_tokens={chunk_tokens} must be >= 1")
-    for head in (model.lm_head, model.gen_head):
+    for head in (h for h in (model.lm_head, getattr(model, "gen_head", None)) if h is not None):
         if getattr(head, _MARK, None) is not None:
             head.__dict__.pop("per_token_cross_entropy", None)
         base = getattr(head, "per_token_cross_entropy", None) or functools.partial(dense_cross_entropy, head)

@@ -168,9 +168,12 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
     print(f"training the {preset} {kind.upper()} tokenizer for {tokenizer_steps} steps", flush=True)
     from janus_train.tools import train_tokenizer
 
+    # The demo's VAE: width 16 at lr 4e-3 (measured on the demo world at 32 px, 500 steps: 24.4 dB,
+    # the scorer reads 88% of reconstructions; width 16 at lr 2e-3 for 400 steps: 20.0 dB, 67%).
+    vae_args = ["--vae-width", "16", "--lr", "4e-3"] if flow else []
     code = train_tokenizer.main(["--data", str(root / "gen_real_images"), "--out", str(root / "tokenizer"), "--preset", preset,
                                  "--kind", kind, "--steps", str(tokenizer_steps), "--held-out", "128", "--scorer", "shapes",
-                                 "--seed", str(seed)])
+                                 "--seed", str(seed), *vae_args])
     if code != 0:
         raise RuntimeError(f"training the tokenizer failed (exit {code})")
     from janus_train.tools.make_tiny_checkpoint import make_tiny_checkpoint

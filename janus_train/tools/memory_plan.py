@@ -1,7 +1,8 @@
-"""Per-GPU memory estimate of a Janus training configuration, and whether it fits.
+"""Per-GPU memory estimate of a Janus-Pro or JanusFlow training configuration, and whether it fits.
 
     python -m janus_train.tools.memory_plan +recipe=janus_pro_7b parallel.nodes=32 \\
         parallel.gpus_per_node=8 parallel.zero_stage=3 [parallel.tp=2] [stage=2] [--device-mem-gib 40]
+    python -m janus_train.tools.memory_plan +recipe=janusflow_1_3b --device-mem-gib 80
 
 Arguments other than --flags are the training config's Hydra overrides (recipes/), so the plan
 describes exactly what `launch/train.py` would run: model size, stage trainable set, ZeRO
@@ -16,8 +17,11 @@ What is counted (bytes per GPU), and the assumptions, are in docs/performance.md
   optimizer      fp32 master weights (bf16 only) + AdamW exp_avg + exp_avg_sq, divided by dp
                  from ZeRO-1
   activations    tensors saved for backward by *our* implementation (counted tensor by tensor,
-                 see `layer_activation_bytes`), for the chosen checkpointing, plus the largest
-                 backward transient (the lm_head's softmax gradient or one recomputed block)
+                 see `layer_activation_bytes`; JanusFlow's generation path per gen image,
+                 `flow_activation_bytes`), for the chosen checkpointing, plus the largest
+                 transient (the lm_head's softmax gradient, one recomputed block, or JanusFlow's
+                 gradient-free SigLIP forward for the REPA target; for JanusFlow net of the
+                 decoder and REPA activations backward has released before the head's turn)
   buffers        DeepSpeed's reduce / all-gather buckets, ZeRO-3 gathered parameters
   overhead       CUDA context, NCCL and allocator slack (--overhead-gib)
 Peak = parameters + optimizer + buffers + overhead + max(activations + transient at the start of
@@ -32,6 +36,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from janus_train.models.janus.config import JanusConfig
+from janus_train.models.janusflow.config import JanusFlowConfig
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -46,9 +51,10 @@ DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 class PlanSettings:
     """Everything the estimate depends on. Batch-composition fields left None take the
     memory worst case: every position supervised by the 102400-way lm_head *and* rows full of
-    und images at once (an upper bound; real rows cannot be both)."""
+    und images *and* (JanusFlow) rows full of gen documents at once (an upper bound; real rows
+    cannot be all of these)."""
 
-    model: JanusConfig
+    model: JanusConfig | JanusFlowConfig
     trainable: list[str]
     zero_stage: int = 3
     dp: int = 1
@@ -64,6 +70,9 @@ class PlanSettings:
     gen_supervised: int = 0  # gen head positions per micro-batch
     gen_inputs: int = 0  # VQ-code input positions per micro-batch
     und_images: int | None = None  # und images per micro-batch
+    # JanusFlow: gen documents (latent images) per micro-batch; None: rows full of the shortest
+    # gen documents (BOS, time slot, latents: a CFG-dropped prompt).
+    gen_images: int | None = None
     head_chunk_tokens: int | None = None  # chunked, recomputed head CE (parallel/chunked_loss.py)
     sdpa_by_document: bool = False  # CPU sdpa ran one call per document (models/attention.py)
     overhead_gib: float = 1.5
@@ -103,19 +112,23 @@ class MemoryPlan:
 # ---------------------------------------------------------------------------------------
 
 
-def param_counts(cfg: JanusConfig, trainable: list[str], tp: int) -> dict[str, float]:
-    """Parameters held per GPU before ZeRO: trainable / frozen, TP-split ones divided by tp."""
+def param_counts(cfg: JanusConfig | JanusFlowConfig, trainable: list[str], tp: int) -> dict[str, float]:
+    """Parameters held per GPU before ZeRO: trainable / frozen (by the model family's
+    components), TP-split ones divided by tp."""
     import torch
 
-    from janus_train.models.janus.model import JanusModel
+    from janus_train.models.families import family_of_config
     from janus_train.parallel.tensor_parallel import tp_split_dim
 
+    family = family_of_config(cfg)
     with torch.device("meta"):
-        model = JanusModel(cfg)
+        model = family.build(cfg)
     out = {"trainable": 0.0, "frozen": 0.0, "largest_trainable": 0.0, "largest_block": 0.0}
     seen: set[int] = set()
-    for comp in JanusModel.COMPONENTS:
-        for name, p in getattr(model, comp).named_parameters(prefix=comp):
+    for comp in family.components:
+        part = getattr(model, comp)  # a module, or a bare parameter (JanusFlow's und_begin)
+        named = [(comp, part)] if isinstance(part, torch.nn.Parameter) else part.named_parameters(prefix=comp)
+        for name, p in named:
             if id(p) in seen:
                 continue
             seen.add(id(p))
@@ -134,7 +147,7 @@ def param_counts(cfg: JanusConfig, trainable: list[str], tp: int) -> dict[str, f
 # ---------------------------------------------------------------------------------------
 
 
-def layer_activation_bytes(cfg: JanusConfig, s: PlanSettings, weights_train: bool) -> dict[str, float]:
+def layer_activation_bytes(cfg: JanusConfig | JanusFlowConfig, s: PlanSettings, weights_train: bool) -> dict[str, float]:
     """Bytes saved per token by one LLM block (no checkpointing), by part.
 
     RMSNorm (model.py) computes in fp32: it keeps its fp32 input (the bf16 input cast up, or
@@ -168,15 +181,19 @@ def layer_activation_bytes(cfg: JanusConfig, s: PlanSettings, weights_train: boo
     return {"attn_norm": norm, "attn_in": normed, "attention": core, "mlp_norm": norm, "mlp_in": normed, "mlp": mlp}
 
 
-def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float], float]:
-    """(saved activation bytes by part, largest backward transient) for one micro-batch."""
-    from janus_train.models.janus.config import grads_flow_into_llm
+def activation_bytes(cfg: JanusConfig | JanusFlowConfig, s: PlanSettings) -> tuple[dict[str, float], float]:
+    """(saved activation bytes by part, largest transient on top of them) for one micro-batch.
+    The LLM, the lm_head and the und path are the same for both families; Janus-Pro adds its
+    gen head and aligner, JanusFlow its generation path (`flow_activation_bytes`)."""
+    from janus_train.models.families import family_of_config
 
+    family = family_of_config(cfg)
+    flow = family.gen_kind == "flow"
     b = DTYPE_BYTES[s.dtype]
     t = set(s.trainable)
     tokens = s.micro_batch_rows * s.seq_len
     h, L, tp = cfg.llm.hidden_size, cfg.llm.num_layers, s.tp
-    through_llm = grads_flow_into_llm(s.trainable) or "llm" in t
+    through_llm = family.grads_flow_into_llm(s.trainable) or "llm" in t
     per_layer = layer_activation_bytes(cfg, s, "llm" in t)
     none_layer = sum(per_layer.values())
     out: dict[str, float] = {}
@@ -201,10 +218,11 @@ def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float
         dense_mask = s.attention == "eager" or (s.attention == "sdpa" and not s.sdpa_by_document)
         out["rope_and_mask"] = 2 * b * cfg.llm.head_dim * tokens + (s.micro_batch_rows * s.seq_len**2 if dense_mask else 0)
     # Heads, on supervised positions only (model.py). CE keeps the fp32 log-softmax; the
-    # projection keeps its gathered input when its weight trains.
+    # projection keeps its gathered input when its weight trains. JanusFlow has no gen head.
     text_sup = tokens if s.text_supervised is None else s.text_supervised
+    gen_sup = 0 if flow else s.gen_supervised
     vocab = cfg.llm.vocab_size / tp
-    codebook = cfg.vq.codebook_size / tp
+    codebook = 0.0 if flow else cfg.vq.codebook_size / tp
     # Backward of a head: the fp32 softmax gradient and the incoming gradient (+ the
     # working-dtype cast of the logits' gradient) next to the kept fp32 log-softmax.
     grad_bytes = 8 + (b if b == 2 else 0)
@@ -213,20 +231,23 @@ def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float
         # log-softmax (4 bytes per logit) and its gradients at a time.
         c = s.head_chunk_tokens
         out["lm_head"] = text_sup * b * h
-        out["gen_head"] = s.gen_supervised * b * h
-        head_transient = max(min(text_sup, c) * vocab, min(s.gen_supervised, c) * codebook) * (4 + grad_bytes)
+        if not flow:
+            out["gen_head"] = gen_sup * b * h
+        head_transient = max(min(text_sup, c) * vocab, min(gen_sup, c) * codebook) * (4 + grad_bytes)
     else:
         head_in = b * h if "lm_head" in t else 0.0
         out["lm_head"] = text_sup * (head_in + 4 * vocab)
-        g_in = (b * h + 2 * b * cfg.gen_head_hidden) if "gen_head" in t else 0.0
-        out["gen_head"] = s.gen_supervised * (g_in + 4 * codebook)
-        head_transient = max(text_sup * vocab, s.gen_supervised * codebook) * grad_bytes
-    if "gen_aligner" in t:
+        if not flow:
+            g_in = (b * h + 2 * b * cfg.gen_head_hidden) if "gen_head" in t else 0.0
+            out["gen_head"] = gen_sup * (g_in + 4 * codebook)
+        head_transient = max(text_sup * vocab, gen_sup * codebook) * grad_bytes
+    if not flow and "gen_aligner" in t:
         out["gen_aligner"] = s.gen_inputs * 2 * b * h
     images = s.und_images
     if images is None:
-        per_doc = cfg.num_image_tokens + 8
-        images = s.micro_batch_rows * max(s.seq_len // per_doc, 1 if s.seq_len >= cfg.num_image_tokens else 0)
+        # JanusFlow's und image also fills its begin-embedding position.
+        positions = cfg.num_und_tokens if flow else cfg.num_image_tokens
+        images = s.micro_batch_rows * max(s.seq_len // (positions + 8), 1 if s.seq_len >= positions else 0)
     patches = images * cfg.num_image_tokens
     v = cfg.vision
     if "vision" in t:
@@ -235,8 +256,106 @@ def activation_bytes(cfg: JanusConfig, s: PlanSettings) -> tuple[dict[str, float
         per_block = b * (4 * v.hidden_size + 4 * v.hidden_size + 2 * inner)
         out["vision"] = patches * (v.num_layers * per_block + 2 * b * v.hidden_size)
     if "und_aligner" in t:
-        out["und_aligner"] = patches * b * (v.hidden_size + 2 * h)
-    return out, max(head_transient, recompute * tokens)
+        # Each linear keeps its input, each GELU its input (Janus-Pro: 2 layers, JanusFlow: 1).
+        out["und_aligner"] = patches * b * (v.hidden_size + 2 * h * (v.aligner_depth - 1))
+    transient = max(head_transient, recompute * tokens)
+    if flow:
+        gen_parts, siglip_transient = flow_activation_bytes(cfg, s, through_llm)
+        out.update(gen_parts)
+        # Autograd runs backward nodes in reverse creation order: the decoder's and REPA's
+        # (built after the lm_head's loss) run, and release what they kept, before the head's
+        # backward and the LLM's recomputation. The transient is net of that.
+        released = sum(gen_parts.get(k, 0.0) for k in ("gen_dec_norm", "gen_decoder", "repa"))
+        transient = max(transient - released, siglip_transient, 0.0)
+    return out, transient
+
+
+def gen_images_per_micro_batch(cfg: JanusFlowConfig, s: PlanSettings) -> int:
+    """JanusFlow gen documents in one micro-batch: `s.gen_images`, or rows full of the shortest
+    ones (BOS, time slot, G latent slots: a CFG-dropped prompt)."""
+    if s.gen_images is not None:
+        return s.gen_images
+    return s.micro_batch_rows * (s.seq_len // (cfg.num_gen_tokens + 2))
+
+
+def convnext_block_bytes(channels: int, ffn_factor: int, b: int, weights_train: bool) -> float:
+    """Bytes one ConvNeXt block (models/janusflow/uvit.py) saves per grid position.
+
+    The depthwise conv keeps its input; RMSNorm its fp32 input and normalised value; the first
+    linear a contiguous copy of the (channels-last view of the) normed input; GELU its input; the
+    GRN its input (GELU's output, one tensor for its norm and its scale); the second linear the
+    GRN output; the time modulation the residual sum. The linears' inputs only when the block's
+    weights train.
+    """
+    c, inner = channels, channels * ffn_factor
+    kept = b * c + (4 + b) * c + 2 * b * inner + b * c
+    if weights_train:
+        kept += b * c + b * inner
+    return kept
+
+
+def flow_activation_bytes(cfg: JanusFlowConfig, s: PlanSettings, through_llm: bool) -> tuple[dict[str, float], float]:
+    """(saved bytes by part, transient) of JanusFlow's generation path for one micro-batch,
+    per gen image (`gen_images_per_micro_batch`) of G latent tokens on a g x g grid.
+
+      gen_encoder      the patchify conv's input (z_t), the time-embedding MLP, and
+                       `flow.encoder_blocks` ConvNeXt blocks at `flow.width` channels
+                       (`convnext_block_bytes`) per grid position; only when it trains (its
+                       input is data)
+      gen_enc_aligner  its input (a copy of the encoder features as tokens), when it trains
+      gen_dec_norm     RMSNorm of the LLM's outputs at the latent positions (fp32 input and
+                       normalised value) + gen_dec_aligner's input when that trains
+      gen_decoder      the input RMSNorm, `flow.decoder_blocks` ConvNeXt blocks at 2 x width
+                       (features + the encoder's skip), the output RMSNorm and 1x1 conv input,
+                       and the flow loss's fp32 difference
+      repa             the projector's input (block `flow.repa_layer`'s outputs at the latent
+                       positions), its hidden activations (SiLU in/out, 2 x 2 x repa_hidden),
+                       and the cosine's fp32 prediction and normalised target (8 bytes x
+                       SigLIP width)
+    Backward reaches the decoder and REPA whenever something at or before the LLM trains, or
+    they do. SigLIP's forward for the REPA target runs without grad: nothing kept, but one
+    block's working set per gen image while it runs (the residual, its LayerNorm, fc1 and GELU
+    outputs): the transient returned. Per-image time-embedding terms are counted; index and
+    mask tensors (bytes per position) are not.
+    """
+    images = gen_images_per_micro_batch(cfg, s)
+    if images <= 0:
+        return {}, 0.0
+    b = DTYPE_BYTES[s.dtype]
+    t = set(s.trainable)
+    fl, h = cfg.flow, cfg.llm.hidden_size
+    g_tokens, w = cfg.num_gen_tokens, fl.width
+    latent = fl.latent_channels * cfg.latent_size**2  # elements per latent image
+    out: dict[str, float] = {}
+    enc = "gen_encoder" in t
+    if enc:
+        per_pos = fl.encoder_blocks * convnext_block_bytes(w, fl.ffn_factor, b, True)
+        # z_t (the patchify conv's input); the time MLP's inputs (linear, SiLU, linear); its
+        # output, kept by every block's SiLU, and each block's SiLU output.
+        per_image = b * latent + b * (w + 2 * h) + b * h * (1 + fl.encoder_blocks)
+        out["gen_encoder"] = images * (g_tokens * per_pos + per_image)
+    if "gen_enc_aligner" in t:
+        out["gen_enc_aligner"] = images * g_tokens * b * w
+    dec_in = through_llm or "gen_dec_norm" in t
+    dec_norm = ((4 + b) * h if dec_in else 0) + (b * h if "gen_dec_aligner" in t else 0)
+    if dec_norm:
+        out["gen_dec_norm"] = images * g_tokens * dec_norm
+    if dec_in or enc or "gen_dec_aligner" in t or "gen_decoder" in t:
+        dec_train = "gen_decoder" in t
+        per_pos = (4 + b) * w + fl.decoder_blocks * convnext_block_bytes(2 * w, fl.ffn_factor, b, dec_train)
+        per_pos += (4 + b) * 2 * w + b * 2 * w  # output RMSNorm, the 1x1 conv's input
+        per_image = 4 * latent + (b * h * fl.decoder_blocks if dec_train else 0)
+        out["gen_decoder"] = images * (g_tokens * per_pos + per_image)
+    transient = 0.0
+    if fl.repa_weight > 0:
+        v = cfg.vision
+        if through_llm or "repa_proj" in t:
+            rh = fl.repa_hidden
+            proj = b * (h + 4 * rh) if "repa_proj" in t else 2 * b * rh
+            out["repa"] = images * g_tokens * (proj + 8 * v.hidden_size)
+        inner = int(v.hidden_size * v.mlp_ratio)
+        transient = images * cfg.num_image_tokens * b * (3 * v.hidden_size + 2 * inner)
+    return out, transient
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,6 +400,8 @@ def plan_memory(s: PlanSettings, device_mem_gib: float | None = None) -> MemoryP
     parts, transient = activation_bytes(cfg, s)
     acts = sum(parts.values())
     detail.update({f"act_{k}": v for k, v in parts.items()})
+    if isinstance(cfg, JanusFlowConfig):
+        detail["gen_images_per_micro_batch"] = gen_images_per_micro_batch(cfg, s)
     peak = params + optimizer + buffers + overhead + max(acts + transient, grads + step_tmp)
     device = device_mem_gib * GIB if device_mem_gib else None
     return MemoryPlan(
@@ -365,6 +486,9 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
         + (f" (every {s['recompute_every']})" if s["recompute"] == "selective" else "")
         + (f"  head_chunk_tokens={s['head_chunk_tokens']}" if s["head_chunk_tokens"] else ""),
     ]
+    if "gen_images_per_micro_batch" in plan.detail:
+        lines.append(f"  gen images per micro-batch={plan.detail['gen_images_per_micro_batch']:g}"
+                     + ("" if s["gen_images"] is not None else " (worst case: rows full of gen documents)"))
     rows = [
         ("parameters", plan.params),
         ("gradients", plan.grads),

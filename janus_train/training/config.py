@@ -324,7 +324,10 @@ def resolved_yaml(cfg: DictConfig) -> str:
 # ---- validation -----------------------------------------------------------------------------
 
 # What to say about a key a recipe leaves open (???).
-_MISSING_HINTS = {"model.init_from": "must be set: a checkpoint directory to start from (or null for random init)"}
+_MISSING_HINTS = {
+    "model.init_from": "must be set: a checkpoint directory to start from (or null for random init)",
+    "model.vae": "must be set: the diffusers AutoencoderKL directory the gen shards were encoded with (the SDXL-VAE for JanusFlow-1.3B)",
+}
 
 
 def validate_config(cfg: DictConfig, dp_size: int | None = None, check_paths: bool = True, complete: bool = True) -> RunConfig:

@@ -223,3 +223,26 @@ def test_stage_end_export_is_a_janusflow_release(tp2):
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], exported[k]) for k in exported)
 
+
+
+def test_stage1_trains_only_the_new_parts(flow_shapes_root, tmp_path, trainer_tools):
+    """The recipe's stage-1 freeze rule in a real run: the LLM, lm_head and SigLIP keep the init's
+    weights bit for bit; every new part moves."""
+    from janus_train.checkpoint.io import read_checkpoint
+    from janus_train.models.families import JANUSFLOW
+
+    run_dir = tmp_path / "stage1"
+    ov = [o for o in trainer_tools.flow_engine(flow_shapes_root, run_dir) if not o.startswith(("train.stages.stage1.enabled", "train.stages.stage2."))]
+    ov += ["train.stages.stage2.enabled=false", "train.stages.stage1.steps=2", "train.stages.stage1.global_batch=4", "train.stages.stage1.ratio=1:0:1"]
+    trainer_tools.checked(ov)
+    _, init = read_checkpoint(flow_shapes_root / "flow_init")
+    _, after = read_checkpoint(run_dir / "checkpoints" / "step_00000002" / "model")
+    trained = set(JANUSFLOW.components) - {"llm", "lm_head", "vision"}
+    for comp in JANUSFLOW.components:
+        keys = [k for k in init if k == comp or k.startswith(comp + ".")]
+        if comp == "repa_proj":
+            assert not keys and any(k.startswith("repa_proj.") for k in after)  # not in the release: fresh, then trained
+            continue
+        assert keys, comp
+        moved = any(not torch.equal(init[k], after[k]) for k in keys)
+        assert moved == (comp in trained), comp

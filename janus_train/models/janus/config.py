@@ -27,7 +27,7 @@ ALWAYS_FROZEN: tuple[str, ...] = ("vq",)
 TRAINABLE: tuple[str, ...] = tuple(c for c in COMPONENTS if c not in ALWAYS_FROZEN)
 # Components whose training makes gradients flow back through the LLM (it trains, or something
 # at its input does).
-_LLM_INPUTS = ("llm", "vision", "und_aligner", "gen_embed", "gen_aligner")
+LLM_INPUTS = ("llm", "vision", "und_aligner", "gen_embed", "gen_aligner")
 
 
 def check_trainable(trainable: list[str]) -> None:
@@ -43,7 +43,7 @@ def check_trainable(trainable: list[str]) -> None:
 
 def grads_flow_into_llm(trainable: list[str]) -> bool:
     """Whether backward passes through the LLM (it trains, or something before it does)."""
-    return bool(set(_LLM_INPUTS) & set(trainable))
+    return bool(set(LLM_INPUTS) & set(trainable))
 
 
 @dataclass

@@ -28,6 +28,8 @@ COMPONENTS: tuple[str, ...] = (
 )
 # Parts that exist only for training (the release has no tensors for them).
 TRAINING_ONLY: tuple[str, ...] = ("repa_proj",)
+# Parts whose outputs feed the LLM: backward runs through the LLM when one of them trains.
+LLM_INPUTS: tuple[str, ...] = ("llm", "vision", "und_aligner", "und_begin", "gen_encoder", "gen_enc_aligner")
 
 
 @dataclass
