@@ -166,6 +166,7 @@ def flow_engine_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
         f"train.stages.stage2.steps={FLOW_ENGINE_STEPS}",
         "train.stages.stage2.ratio=2:1:5",
         "train.stages.stage2.global_batch=8",
+        "train.micro_batch_rows=1",
         "data.sharding=global",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=8",
