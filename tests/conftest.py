@@ -97,21 +97,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Quiet runs (no bar, W&B, samples, evaluation), in process, on ready-made data.
+QUIET = [
+    "eval.data=null",
+    "demo_assets.build=false",
+    "logging.progress=false",
+    "logging.wandb.enabled=false",
+    "logging.sample_every=0",
+    "data.num_workers=0",
+]
+# The engine tests' layout: stage 2 alone, 8 rows a step, the same rows for any dp size
+# (`data.sharding=global`), a checkpoint every 2 steps (all kept: tests resume from several).
+ENGINE_COMMON = [
+    "train.stages.stage1.enabled=false",
+    "train.stages.stage3.enabled=false",
+    "train.stages.stage2.global_batch=8",
+    "data.sharding=global",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=8",
+    "checkpoint.export_hf=false",
+    "parallel.zero_stage=2",
+    "parallel.dtype=fp32",
+]
+
+
 def base_overrides(root: Path, run_dir: Path, steps=(2, 2, 2)) -> list[str]:
-    """The demo recipe with the tiny model on the session's shapes data, quiet (no bar, W&B,
-    samples, evaluation), in process."""
+    """The demo recipe with the tiny model on the session's shapes data, quiet."""
     return [
         "+recipe=tiny_demo",
         "model=tiny",
-        "eval.data=null",
         f"data.root={root}",
         f"model.init_from={root / 'tiny_init'}",
         f"run_dir={run_dir}",
-        "demo_assets.build=false",
-        "logging.progress=false",
-        "logging.wandb.enabled=false",
-        "logging.sample_every=0",
-        "data.num_workers=0",
+        *QUIET,
         f"train.stages.stage1.steps={steps[0]}",
         f"train.stages.stage2.steps={steps[1]}",
         f"train.stages.stage3.steps={steps[2]}",
@@ -122,23 +140,8 @@ ENGINE_STEPS = 8
 
 
 def engine_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    """The engine tests' run: stage 2 alone (und:text:gen 2:3:5, 8 rows a step), 8 steps, a
-    checkpoint every 2 (all kept), ZeRO-2, fp32, `data.sharding=global` (a step's rows are the same for
-    any data-parallel size, so runs on different topologies are comparable)."""
-    return [
-        *base_overrides(root, run_dir, steps=(1, ENGINE_STEPS, 1)),
-        "train.stages.stage1.enabled=false",
-        "train.stages.stage3.enabled=false",
-        "train.stages.stage2.ratio=2:3:5",
-        "train.stages.stage2.global_batch=8",
-        "data.sharding=global",
-        "checkpoint.every_steps=2",
-        "checkpoint.keep_last=8",  # every checkpoint stays: tests resume from several
-        "checkpoint.export_hf=false",
-        "parallel.zero_stage=2",
-        "parallel.dtype=fp32",
-        *extra,
-    ]
+    """The engine tests' run (ENGINE_COMMON): und:text:gen 2:3:5, 8 steps, ZeRO-2, fp32."""
+    return [*base_overrides(root, run_dir, steps=(1, ENGINE_STEPS, 1)), *ENGINE_COMMON, "train.stages.stage2.ratio=2:3:5", *extra]
 
 
 FLOW_ENGINE_STEPS = 4
@@ -146,33 +149,20 @@ FLOW_ENGINE_STEPS = 4
 
 def flow_engine_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
     """`engine_overrides` for JanusFlow: the janusflow_tiny_demo recipe on the session's
-    `flow_shapes_root`, quiet, stage 2 alone (und:text:gen 2:1:5, 8 rows a step), 4 steps, a
-    checkpoint every 2 (all kept), ZeRO-2, fp32, `data.sharding=global`."""
+    `flow_shapes_root`, quiet, ENGINE_COMMON, und:text:gen 2:1:5, 4 steps, one row per
+    micro-step."""
     return [
         "+recipe=janusflow_tiny_demo",
         "model=janusflow_tiny",
-        "eval.data=null",
         f"data.root={root}",
         f"model.init_from={root / 'flow_init'}",
         f"model.vae={root / 'vae'}",
         f"run_dir={run_dir}",
-        "demo_assets.build=false",
-        "logging.progress=false",
-        "logging.wandb.enabled=false",
-        "logging.sample_every=0",
-        "data.num_workers=0",
-        "train.stages.stage1.enabled=false",
-        "train.stages.stage3.enabled=false",
+        *QUIET,
+        *ENGINE_COMMON,
         f"train.stages.stage2.steps={FLOW_ENGINE_STEPS}",
         "train.stages.stage2.ratio=2:1:5",
-        "train.stages.stage2.global_batch=8",
         "train.micro_batch_rows=1",
-        "data.sharding=global",
-        "checkpoint.every_steps=2",
-        "checkpoint.keep_last=8",
-        "checkpoint.export_hf=false",
-        "parallel.zero_stage=2",
-        "parallel.dtype=fp32",
         *extra,
     ]
 

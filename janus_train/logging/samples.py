@@ -20,6 +20,7 @@ from PIL import Image
 from janus_train.inference.flow import FlowSampleConfig, check_vae, generate_latents, latents_to_images, load_vae
 from janus_train.inference.t2i import SampleConfig, codes_to_images, generate_codes, prompt_grid
 from janus_train.logging.callback import Callback
+from janus_train.models.families import family_of_config
 
 
 class SampleGrids(Callback):
@@ -34,7 +35,7 @@ class SampleGrids(Callback):
         self._vae = None
 
     def _draw(self, model, prompt: str, gen: torch.Generator, zero3: bool) -> list[np.ndarray]:
-        if hasattr(model, "gen_decoder"):  # JanusFlow
+        if family_of_config(model.config).gen_kind == "flow":
             if self._vae is None:
                 self._vae = load_vae(self.vae_path, device=gen.device)
                 check_vae(self._vae, model.config)
