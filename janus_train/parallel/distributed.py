@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,33 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
             timeout=timeout,
             auto_mpi_discovery=False,
         )
+        _release_shm_segment(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+# DeepSpeed's CPU shared-memory all-reduce (its ops/csrc/cpu/comm/shm.cpp) creates one /dev/shm
+# segment per rank (~66 MB), named from the uid, MASTER_ADDR, MASTER_PORT and the rank, maps its
+# peers' segments, and never unlinks its own: every CPU run left ~66 MB of RAM per rank behind
+# (measured: 292 segments, 19 GB, the whole RAM of a 24 GiB box, after a day of test runs).
+SHM_SEGMENT = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def shm_segment_path(rank: int) -> Path:
+    """Where DeepSpeed's shared-memory all-reduce puts this rank's segment (see SHM_SEGMENT)."""
+    return Path(SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                   port=os.environ.get("MASTER_PORT", ""), rank=rank))
+
+
+def _release_shm_segment(rank: int) -> None:
+    """Unlink this rank's DeepSpeed /dev/shm segment once every rank has mapped it.
+
+    DeepSpeed maps all peers' segments while it initialises, before init_distributed returns;
+    after the barrier every rank has done so. An unlinked segment stays valid for the mappings
+    that exist and the kernel frees it when the last one goes, so the memory comes back when the
+    processes end, however they end (kill -9 included)."""
+    if dist.get_world_size() > 1:
+        dist.barrier()  # on every rank, whether or not its segment exists: no rank waits alone
+    shm_segment_path(rank).unlink(missing_ok=True)  # absent: no shared-memory op (GPU, several nodes)
 
 
 def local_world_size() -> int:
