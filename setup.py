@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "orjson>=3.9",  # per-sample json in the data loader (formats.parse_json)
     "scipy>=1.10",  # blob labelling of the shapes scorer (eval/shapes.py)
+    # build_shards --format parquet: parquet files and `datasets` save_to_disk directories
+    # (data_pipelines/input_formats.py). Neither requires torch.
+    "pyarrow>=15",
+    "datasets>=2.19",
     # JanusFlow: the time embedding of its generation encoder, and AutoencoderKL (SDXL-VAE). No
     # torch requirement of its own, so it never pulls a CUDA build.
     "diffusers>=0.31,<1",

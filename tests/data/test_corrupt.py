@@ -106,4 +106,4 @@ def test_build_shards_reports_bad_rows(tmp_path, jpeg):
     assert summary["written"] == 1 and summary["rows"] == 6
     assert summary["skipped"] == {"missing_file": 1, "bad_image": 1, "empty_caption": 1, "missing_key": 1, "bad_json": 1}
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
-    assert {e["line"] for e in report["examples"]} == {1, 2, 3, 4, 5}
+    assert {e["line"] for e in report["examples"]} == {2, 3, 4, 5, 6}  # 1-based line numbers
