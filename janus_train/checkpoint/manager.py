@@ -4,6 +4,8 @@ Layout under `<run_dir>/checkpoints/`:
 
     step_00000040/            one complete checkpoint (the name is the global step)
       ds/                     DeepSpeed engine state: module, ZeRO-partitioned optimizer, lr schedule
+      latest                  "ds": DeepSpeed's tag file, so the zero_to_fp32.py that DeepSpeed copies
+                              here works with its default arguments (`python zero_to_fp32.py . out`)
       model/                  whole fp32 weights in janus-train's native format (+ tokenizer files):
                               exportable to HF, and the hand-over between stages/topologies
       loader/rank_00000.json  each data-parallel rank's loader state (incl. the mixer's)
@@ -39,6 +41,7 @@ from janus_train.parallel.distributed import barrier, broadcast_object
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+DS_TAG = "ds"  # DeepSpeed's tag (sub-directory) inside each checkpoint
 
 
 @dataclass
@@ -46,7 +49,7 @@ class CheckpointMeta:
     step: int  # global optimizer steps completed (across stages)
     stage: int  # stage index (1..3) these weights belong to
     stage_step: int  # optimizer steps completed within that stage
-    stage_steps: int  # the stage's planned length (stage_step == stage_steps: stage finished)
+    stage_steps: int  # the stage's length when saved (whether it is finished: the resuming run's config says)
     world_size: int
     dp_size: int
     tp: int
@@ -55,10 +58,6 @@ class CheckpointMeta:
     skipped_steps: int = 0
     time: float = 0.0
     complete: bool = True
-
-    @property
-    def stage_finished(self) -> bool:
-        return self.stage_step >= self.stage_steps
 
 
 def checkpoint_name(step: int) -> str:
@@ -174,7 +173,9 @@ class CheckpointManager:
         if self.rank == 0:
             tmp.mkdir(parents=True, exist_ok=False)
         barrier()
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        # DeepSpeed's `latest` tag file is written below with meta.json (rank 0), inside the
+        # directory that the rename commits.
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         sd = full_state_dict(engine.module, engine.zero_optimization_stage())  # collective; rank 0 holds it
         if self.rank == 0:
             slow = fault("save_sleep")
@@ -192,6 +193,7 @@ class CheckpointManager:
             meta.time = time.time()
             meta_dict = asdict(meta)
             meta_dict["protect"] = protect
+            (tmp / "latest").write_text(DS_TAG)
             (tmp / "meta.json").write_text(json.dumps(meta_dict, indent=2))
             _fsync_tree(tmp)
             if final.exists():  # same step saved twice (e.g. signal at a stage end): replace
@@ -214,7 +216,7 @@ class CheckpointManager:
         """DeepSpeed state (module + optimizer + schedule) of a same-topology checkpoint."""
         loaded, _ = engine.load_checkpoint(
             str(path),
-            tag="ds",
+            tag=DS_TAG,
             load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=load_optimizer,
             load_module_strict=True,

@@ -1,10 +1,12 @@
 """The metrics of one logged step (`StepRecord`, the one schema), and `<run_dir>/metrics.jsonl`:
-one JSON object per logged step (rank 0 writes, appends on resume)."""
+one JSON object per logged step (rank 0 writes). On resume the file is first cut back to the
+resumed checkpoint's step, so the steps run again after a crash appear once."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -67,10 +69,39 @@ def clean(value: Any) -> Any:
 
 
 class MetricsFile(Callback):
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None):
+        """`resume_step`: the step the run continues from; later lines are dropped first."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None:
+            truncate_metrics(self.path, resume_step)
 
     def on_step_end(self, trainer, stage, record: StepRecord) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record.row()) + "\n")
             f.flush()
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the lines of `path` up to `step` (and drop a torn last line); atomic (temp file and
+    rename). Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and row.get("step", step + 1) <= step
+        except ValueError:
+            keep = False
+        if keep:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped

@@ -9,9 +9,11 @@ held-out split, a mini VQ tokenizer trained on its images, the init checkpoint),
 shortened stages, each ending with an evaluation on held-out data. It ends with the evaluation
 table (validation losses, understanding and generation accuracy per stage), where the metrics,
 sample grids and exports are, and whether every task's loss fell (JanusFlow: und, text, flow
-and REPA). A second run finds the finished run and shows its results again; --fresh trains anew
-(the data is kept). With `--recipe janusflow_tiny_demo` the tokenizer is a tiny VAE and the
-model JanusFlow (docs/janusflow.md#the-demo).
+and REPA). A second run finds the finished run and says so (it trains nothing) before showing its
+results again; --fresh deletes the previous run and trains anew (the data is kept). The data is
+built only when the run uses the demo's own (tools/demo_assets.py: uses_demo_data). With
+`--recipe janusflow_tiny_demo` the tokenizer is a tiny VAE and the model JanusFlow
+(docs/janusflow.md#the-demo).
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ def eval_table(metrics: list[dict]) -> str:
 
 
 def report(run_dir: Path, minutes: float | None, nproc: int) -> int:
+    """The results of the run in run_dir; `minutes`: how long this invocation trained (None: it
+    trained nothing, the results are an earlier run's)."""
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "loss" in m]
-    took = f" in {minutes:.1f} min" if minutes is not None else ""
-    print(f"\njanus-train demo finished{took} ({len(steps)} steps, 3 stages, {nproc} CPU ranks)")
+    stages = len({m["stage"] for m in steps})
+    if minutes is not None:
+        print(f"\njanus-train demo finished in {minutes:.1f} min ({len(steps)} steps, {stages} stages, {nproc} CPU ranks)")
+    else:
+        print(f"\njanus-train demo: the results of the earlier run in {run_dir} ({len(steps)} steps, {stages} stages)")
     print("\nEvaluation on held-out data (und acc: exact answers; gen acc: requested shape and colour drawn, shapes scorer):")
     print(eval_table(metrics))
     last_grid = sorted((run_dir / "eval").glob("step_*/gen_grid.png"))
@@ -95,6 +102,20 @@ def report(run_dir: Path, minutes: float | None, nproc: int) -> int:
     return 0 if falling else 4
 
 
+def trained_step(run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0: none)."""
+    from janus_train.checkpoint.manager import complete_checkpoints
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    return found[-1][0].step if found else 0
+
+
+def already_ran(run_dir: Path) -> None:
+    print(f"The demo already ran to completion in {run_dir}: nothing was trained this time; its results follow. "
+          f"To train it afresh: python -m janus_train.tools.demo --fresh (or make demo DEMO_ARGS=--fresh), which deletes "
+          f"that run (the data is kept).", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m janus_train.tools.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="directory for the data, the run and its outputs (default demo_out)")
@@ -106,22 +127,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     run_dir = out / "run"
     if args.fresh and run_dir.exists():
+        print(f"--fresh: deleting the previous run in {run_dir} (the data in {out / 'data'} is kept)", flush=True)
         shutil.rmtree(run_dir)
     status_file = run_dir / "status.json"
-    if status_file.is_file() and json.loads(status_file.read_text()).get("state") == "completed":
-        print(f"The demo already ran to completion in {run_dir}; its results follow. "
-              f"To train it afresh: python -m janus_train.tools.demo --fresh (or make demo DEMO_ARGS=--fresh).")
+    if not args.overrides and status_file.is_file() and json.loads(status_file.read_text()).get("state") == "completed":
+        # With overrides (e.g. longer stages) the run is launched: it continues if they ask for more.
+        already_ran(run_dir)
         return report(run_dir, None, args.nproc)
     # Build the inputs here, before any rank exists (see tools/demo_assets.py), with the
     # recipe's own settings.
-    from janus_train.tools.demo_assets import WorldSpec, build_demo_assets
+    from janus_train.tools.demo_assets import (
+        WorldSpec,
+        build_demo_assets,
+        uses_demo_data,
+    )
     from janus_train.training.config import load_config
 
     cfg = load_config([f"+recipe={args.recipe}", f"data.root={out / 'data'}", *args.overrides])
     d = cfg.demo_assets
-    if d.build:  # false: the overrides point data, init and eval at the user's own
+    demo, why = uses_demo_data(cfg)
+    if demo:
         build_demo_assets(out / "data", Path(cfg.model.init_from), str(cfg.model.preset), int(d.num_samples), int(cfg.seed),
                           int(d.held_out), int(d.tokenizer_steps), WorldSpec.of(d))
+    else:
+        print(f"not building the demo's assets: {why}", flush=True)
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [
         str(deepspeed) if deepspeed.exists() else "deepspeed",
@@ -134,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
     print("+ " + " ".join(cmd), flush=True)
+    before = trained_step(run_dir)
     t0 = time.time()
     code = subprocess.call(cmd, env=env, cwd=REPO)
     minutes = (time.time() - t0) / 60
@@ -141,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0 or status.get("state") != "completed":
         print(f"demo failed (exit {code}, state {status.get('state')}); see the output above", file=sys.stderr)
         return code or 1
+    if before and trained_step(run_dir) == before:  # it resumed a finished run
+        already_ran(run_dir)
+        return report(run_dir, None, args.nproc)
     return report(run_dir, minutes, args.nproc)
 
 

@@ -12,6 +12,11 @@ Layout under --root: und/, text/, gen_real/, gen_synthetic/ (training), heldout/
 redone rather than trusted. `make demo` builds them before any rank starts; a training run of
 the demo recipes with `demo_assets.build=true` has rank 0 build them (in a subprocess) while the
 others wait.
+
+They are built only for a run that uses the demo's own data (`uses_demo_data`): every training
+source, model.init_from and model.vae under data.root, and data.root absent, empty or written by
+this builder (`.demo_assets` is its first file). A demo recipe reused with one's own data.*
+settings never builds (nor deletes) anything.
 """
 
 from __future__ import annotations
@@ -25,13 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from janus_train.parallel.distributed import DistInfo, barrier
 
 
 
 
+
+# Written first by the builder: the directory holds the demo's assets (complete or not).
+MARKER = ".demo_assets"
+COMPLETE = ".complete"
+TASKS = ("und", "text", "gen")
 
 # The init's weight std: the usual 0.02 (make_tiny_checkpoint's 0.05 default suits parity tests,
 # but measured on the demo world, a mini model trained from it learned its und questions slower).
@@ -151,8 +161,10 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
     its latents."""
     from janus_train.models.families import family_of_preset
 
-    if (root / ".complete").is_file() and (init / "config.json").is_file():
+    if (root / COMPLETE).is_file() and (init / "config.json").is_file():
         return
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("the janus-train demo's assets (janus_train/tools/demo_assets.py)\n")
     for sub in ("raw", "heldout_raw", "heldout", "und", "text", "gen_real", "gen_synthetic", "gen_real_images",
                 "gen_synthetic_images", "tokenizer"):
         shutil.rmtree(root / sub, ignore_errors=True)  # leftovers of an interrupted build
@@ -185,18 +197,62 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
         make_tiny_checkpoint(init, fmt="hf", seed=seed, init_std=INIT_STD, preset=preset, vq=root / "tokenizer")
     pretokenize_all(root, init, root / "tokenizer" if flow else None)
     (root / "eval.yaml").write_text(EVAL_YAML.format(root=root))
-    (root / ".complete").write_text(json.dumps({"preset": preset, "num_samples": num_samples, "held_out": held_out}) + "\n")
+    (root / COMPLETE).write_text(json.dumps({"preset": preset, "num_samples": num_samples, "held_out": held_out}) + "\n")
+
+
+def _inside(path: Any, root: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(root.resolve())
+
+
+def uses_demo_data(cfg: DictConfig) -> tuple[bool, str]:
+    """(whether the run uses the demo's own data, why not). The demo's data: every training
+    source (data.<task> and the stages' own sources), model.init_from and model.vae under
+    data.root, and data.root a directory the builder may write: absent, empty, or its own
+    (`.demo_assets` or `.complete` in it)."""
+    if not cfg.get("demo_assets", {}).get("build"):
+        return False, "demo_assets.build is false"
+    if cfg.data.get("root") is None:
+        return False, "data.root is not set"
+    root = Path(cfg.data.root)
+    lists = {f"data.{t}": cfg.data.get(t) or [] for t in TASKS}
+    for name, stage in (cfg.train.get("stages") or {}).items():
+        if stage.get("enabled", True):
+            lists.update({f"train.stages.{name}.sources.{t}": v for t, v in (stage.get("sources") or {}).items()})
+    for key, sources in lists.items():
+        for src in OmegaConf.to_container(sources, resolve=True) if OmegaConf.is_config(sources) else sources:
+            if not _inside(src.get("path"), root):
+                return False, f"{key} reads {src.get('path')}, not the demo's data under data.root={root}"
+    if not _inside(cfg.model.get("init_from"), root):
+        return False, f"model.init_from={cfg.model.get('init_from')} is not under data.root={root}"
+    if cfg.model.get("vae") is not None and not _inside(cfg.model.vae, root):
+        return False, f"model.vae={cfg.model.vae} is not under data.root={root}"
+    if root.exists() and any(root.iterdir()) and not ((root / MARKER).is_file() or (root / COMPLETE).is_file()):
+        return False, f"data.root={root} holds files the demo builder did not write"
+    return True, ""
 
 
 def ensure_demo_assets(cfg: DictConfig, dist_info: DistInfo) -> None:
-    """Rank 0 builds the demo inputs in a fresh subprocess; the others wait at a barrier.
+    """Rank 0 builds the demo inputs in a fresh subprocess when the run uses the demo's own data
+    (`uses_demo_data`); the others wait at a barrier.
 
     A subprocess, because the builders use fork-based worker pools, and forking a rank that
     already runs gloo/DeepSpeed threads can deadlock the child.
     """
-    root = Path(cfg.data.root)
-    init = Path(cfg.model.init_from)
-    if dist_info.is_main and not ((init / "config.json").is_file() and (root / ".complete").is_file()):
+    root = Path(cfg.data.root) if cfg.data.get("root") is not None else None
+    init = Path(cfg.model.init_from) if cfg.model.get("init_from") is not None else None
+    demo, why = uses_demo_data(cfg)
+    built = demo and (init / "config.json").is_file() and (root / COMPLETE).is_file()
+    if not demo:
+        if init is not None and not init.exists():
+            # config.py lets a demo recipe's init be absent (built here): not this time.
+            from janus_train.training.config import ConfigError
+
+            raise ConfigError("model.init_from", f"checkpoint directory {str(init)!r} does not exist (the demo's assets are not built: {why})")
+        if dist_info.is_main:
+            print(f"not building the demo's assets: {why}", flush=True)
+        barrier()
+        return
+    if dist_info.is_main and demo and not built:
         d = cfg.demo_assets
         cmd = [
             sys.executable, "-m", "janus_train.tools.demo_assets",

@@ -6,7 +6,9 @@ Per stage: build the model from the previous stage's (or the init) weights, appl
 freeze rules, build AdamW + warmup/constant schedule, wrap in DeepSpeed, stream the stage's
 data mix, and loop `train_step`. Checkpoints every N steps, at the stage end (plus an HF
 export), and when SIGTERM/SIGUSR1 arrives. `resume=auto` continues from the newest complete
-checkpoint, bit for bit when the topology is unchanged.
+checkpoint, bit for bit when the topology is unchanged. A stage is finished when its checkpoint
+reached the stage's *configured* length: raising `train.stages.stageN.steps` of the newest
+checkpoint's stage continues it to the new length (and re-exports it at the new end).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from janus_train.checkpoint.manager import CheckpointManager, CheckpointMeta, find_resume_checkpoint, restore_rng
+from janus_train.checkpoint.manager import CheckpointManager, CheckpointMeta, complete_checkpoints, find_resume_checkpoint, restore_rng
 from janus_train.logging.metrics import MetricsFile, StepRecord
 from janus_train.logging.mfu import component_sizes, device_peak_flops, step_flops
 from janus_train.models.janus.config import JanusConfig
@@ -185,11 +187,14 @@ class Trainer:
         lg = self.cfg.logging
         wandb_cb = None
         if self.dist.is_main:
-            self.callbacks.append(MetricsFile(self.run_dir))
+            # The run continues from global_step (the resumed checkpoint's, or 0): the metrics of
+            # later steps (run before a crash) are dropped, and will be logged again as they rerun.
+            self.callbacks.append(MetricsFile(self.run_dir, resume_step=self.global_step))
             if lg.wandb.enabled and lg.wandb.mode != "disabled":
                 from janus_train.logging.wandb_logger import WandbLogger
 
-                wandb_cb = WandbLogger(self.run_dir, lg.wandb.project, lg.wandb.mode, lg.wandb.entity, lg.wandb.name, self.cfg.model_dump())
+                wandb_cb = WandbLogger(self.run_dir, lg.wandb.project, lg.wandb.mode, lg.wandb.entity, lg.wandb.name, self.cfg.model_dump(),
+                                       resume_step=self.global_step)
                 self.callbacks.append(wandb_cb)
             if lg.progress:
                 self.callbacks.append(ProgressBar())
@@ -240,6 +245,7 @@ class Trainer:
         self._call("on_run_start")
         weights_dir = self._init_dir()
         first = self._first_stage_index(resume)
+        trained = False
         for stage in self.stages:
             if stage.index < first:
                 continue
@@ -247,16 +253,22 @@ class Trainer:
             if resume is not None:
                 meta, path = resume
                 weights_dir = path / "model"
-                if meta.stage == stage.index and not meta.stage_finished:
-                    ckpt_state = (meta, path)
-                elif meta.stage == stage.index and meta.stage_finished:
-                    resume = None
-                    continue  # this stage is done; the next starts from these weights
                 resume = None
+                if meta.stage == stage.index:
+                    if meta.stage_step >= stage.steps:
+                        # Finished at the stage's configured length: the next stage starts from
+                        # these weights (a longer train.stages.stageN.steps continues it instead).
+                        self.last_checkpoint = path
+                        continue
+                    ckpt_state = (meta, path)
+            trained = True
             state = self._run_stage(stage, weights_dir, ckpt_state)
             if state != "completed":
                 return state
             weights_dir = self.last_checkpoint / "model"
+        if not trained and self.dist.is_main:
+            log.info("nothing to train: every stage of the schedule is finished at its configured length (step %d); raise "
+                     "train.stages.stageN.steps to train longer, or use a new run_dir", self.global_step)
         return "completed"
 
     def _resume_point(self):
@@ -272,11 +284,32 @@ class Trainer:
                     f"{self.dp_size}: each rank's data-loader state belongs to its own slice of the data. Resume with "
                     f"world size / parallel.tp = {meta.dp_size}, or start a new run_dir with model.init_from={path}",
                 )
+            self._check_finished_stages(meta, path)
             self.global_step = meta.step
             self.skipped_steps = meta.skipped_steps
+            # status.json shows where the run stands from the start, not "stage": null.
+            self.current_stage = next((s for s in self.stages if s.index == meta.stage), None)
+            self.stage_step = meta.stage_step
             if self.dist.is_main:
-                log.info("resuming from %s (stage %d, step %d/%d in stage)", path, meta.stage, meta.stage_step, meta.stage_steps)
+                configured = self.current_stage.steps if self.current_stage is not None else meta.stage_steps
+                log.info("resuming from %s (stage %d, step %d/%d in stage)", path, meta.stage, meta.stage_step, configured)
         return found
+
+    def _check_finished_stages(self, meta: CheckpointMeta, path: Path) -> None:
+        """An earlier stage that a later one has trained from cannot change its length: refuse a
+        config whose steps differ from what that stage ran (its stage-end checkpoint says)."""
+        ended = {m.stage: (m, p) for m, p in complete_checkpoints(path.parent) if m.stage < meta.stage and m.stage_step >= m.stage_steps}
+        for s in self.stages:
+            if s.index not in ended or s.index >= meta.stage:
+                continue
+            m, p = ended[s.index]
+            if m.stage_step != s.steps:
+                raise ConfigError(
+                    f"train.stages.{s.name}.steps",
+                    f"{s.steps}, but stage {s.index} of this run ended after {m.stage_step} steps ({p}) and stage {meta.stage} has "
+                    f"trained from its weights since ({path}): a finished stage followed by another cannot change length. Set it "
+                    f"back to {m.stage_steps}, or train stage {s.index} longer in a new run_dir with resume={p}",
+                )
 
     def _first_stage_index(self, resume) -> int:
         requested = self.cfg.stage
@@ -289,6 +322,8 @@ class Trainer:
 
     def _run_stage(self, stage: StageSettings, weights_dir: Path | None, ckpt_state) -> str:
         self.current_stage = stage
+        self.stage_step = ckpt_state[0].stage_step if ckpt_state is not None else 0
+        self.write_status("running")
         cfg = self.cfg
         same_topology = False
         if ckpt_state is not None:
@@ -335,6 +370,10 @@ class Trainer:
                 )
             if not same_topology:
                 self._advance_schedule(self.stage_step)
+            elif meta.stage_steps != stage.steps:
+                # A stage made longer (or shorter): the optimizer's lr is the old schedule's; the
+                # schedule (a function of the stage's step) gives the new one.
+                self._sync_lr()
             loader_state = self.ckpt.loader_state(path, self.dp_rank)
         self.loader = self._build_loader(stage, loader_state)
         self._call("on_stage_start", stage)
@@ -355,6 +394,12 @@ class Trainer:
         sched = self.engine.lr_scheduler
         for _ in range(steps):
             sched.step()
+
+    def _sync_lr(self) -> None:
+        """Set the lr of the next update from the schedule at its restored position."""
+        sched = self.engine.lr_scheduler
+        for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
 
     def _loop(self, stage: StageSettings) -> str:
         cfg = self.cfg
@@ -392,6 +437,7 @@ class Trainer:
                 record.eval, record.eval_time_s = self.evaluation.run(self, self.global_step)
             if self.global_step % cfg.logging.every_steps == 0 or self.stage_step == stage.steps or record.eval is not None:
                 self._call("on_step_end", stage, record)
+                self.write_status("running")
             if self.bad_in_row >= cfg.train.max_bad_steps:
                 raise TrainingAborted(
                     f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient (last loss {res.loss}, step "
@@ -474,16 +520,30 @@ def _print_config_error(e: ConfigError, rank: int) -> None:
         print(f"config error: {e}", file=sys.stderr, flush=True)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(rank: int) -> None:
+    """janus_train's messages on stderr: info and up on rank 0 (resuming, exports), warnings and
+    up on the other ranks. Its own handler, so what other libraries do to the root logger (or
+    whether they configured it first) changes nothing."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
 def run(cfg: DictConfig, prepare: Callable[[DictConfig, DistInfo], None] | None = None) -> int:
     """Validate, set up the process group, train; returns the process exit code.
 
     `prepare(cfg, dist_info)`, if given, runs on every rank once the process group exists and
     before the config is checked against the file system (the demo builds its inputs there).
     """
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
     try:
         run_cfg = validate_config(cfg, check_paths=prepare is None)
         tp = run_cfg.parallel.tp

@@ -65,12 +65,14 @@ def test_kill_during_checkpoint_write_resumes_from_previous(reference, shapes_ro
     assert r.returncode == 0, r.stdout[-4000:]
     assert "resuming from" in r.stdout + r.stderr and "step_00000002" in r.stdout + r.stderr
     assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
-    # Steps 3-4 ran twice (before the kill and after the resume): the log has both copies.
+    # Steps 3-4 ran twice (before the kill and after the resume); the resume cut the log back to
+    # step 2, so it holds each step once, equal to the uninterrupted run.
     losses = _losses(trainer_tools, run_dir)
     by_step = {}
     for entry in losses:
         by_step.setdefault(entry[0], set()).add(entry)
     assert sorted(by_step) == list(range(1, STEPS + 1))
+    assert len(losses) == STEPS, [e[0] for e in losses]
     for step, ref in zip(range(1, STEPS + 1), reference):
         assert by_step[step] == {ref}, step
 
