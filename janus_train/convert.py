@@ -12,7 +12,9 @@
             newest complete checkpoint's model weights)
 
 Tensors are converted without touching their values (unless --dtype asks), so
-hf -> native -> hf is bitwise identical per tensor. Tokenizer/processor files are carried along.
+hf -> native -> hf is bitwise identical per tensor. Tokenizer/processor files are carried along;
+--dst-format hf replaces DeepSeek's processor files (VLMImageProcessor, VLChatProcessor) by
+transformers' JanusImageProcessor / JanusProcessor ones, so transformers loads the result.
 Every key and shape is checked before anything is written.
 """
 

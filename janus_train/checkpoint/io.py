@@ -8,7 +8,9 @@ for both model families (Janus-Pro; JanusFlow, which has no hf layout).
             JanusFlow, vision_und_enc_config, vision_gen_enc_config, ...) + model*.safetensors or
             pytorch_model*.bin pickles, read with torch.load(weights_only=True) only
 
-Tokenizer / processor files travel with the weights. Directories are written to a temporary
+Tokenizer / processor files travel with the weights; an hf checkpoint gets transformers' Janus
+processor files in place of DeepSeek's (checkpoint/processor.py). A missing, truncated or
+corrupt weight file is a CheckpointError naming it. Directories are written to a temporary
 sibling and renamed into place, so a crash never leaves a half-written checkpoint under the
 final name.
 """
@@ -18,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from janus_train.checkpoint.processor import ProcessorFilesError, image_token_id, write_hf_processor
 from janus_train.models.janus import config_formats, keys
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janusflow import config_formats as flow_formats
@@ -103,30 +108,51 @@ def _config_from_dict(d: dict, path: str | Path, fmt: str) -> ModelConfig:
     raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
 
 
+def load_weight_file(fp: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file (safetensors, or a pickle read with weights_only=True);
+    CheckpointError naming the file when it is missing, truncated or corrupt."""
+    fp = Path(fp)
+    if not fp.is_file():
+        raise CheckpointError(f"{fp}: missing weight file")
+    try:
+        if fp.suffix == ".safetensors":
+            return load_file(str(fp))
+        # weights_only: a checkpoint is data; never execute pickled code from it.
+        return torch.load(fp, map_location="cpu", weights_only=True)
+    except SafetensorError as e:
+        raise CheckpointError(f"{fp}: truncated or corrupt safetensors file ({e}); copy or download it again") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{fp}: corrupt, or a pickle of more than tensors (torch.load(weights_only=True) refused it: {_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{fp}: truncated or corrupt weight file ({_first_line(e)}); copy or download it again") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+
+
+def _read_index(index: Path) -> list[str]:
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
+
+
 def _read_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(str(path / f)))
+        for f in _read_index(index):
+            out.update(load_weight_file(path / f))
         return out
     if (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
+        return load_weight_file(path / "model.safetensors")
     if fmt == "deepseek":
         bin_index = path / "pytorch_model.bin.index.json"
-        files = (
-            sorted(set(json.loads(bin_index.read_text())["weight_map"].values()))
-            if bin_index.is_file()
-            else ["pytorch_model.bin"]
-        )
+        files = _read_index(bin_index) if bin_index.is_file() else ["pytorch_model.bin"]
         out = {}
         for f in files:
-            fp = path / f
-            if not fp.is_file():
-                raise CheckpointError(f"{path}: missing weight file {f}")
-            # weights_only: a checkpoint is data; never execute pickled code from it.
-            out.update(torch.load(fp, map_location="cpu", weights_only=True))
+            out.update(load_weight_file(path / f))
         return out
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
@@ -214,12 +240,20 @@ def write_checkpoint(
         elif fmt == "hf":
             from transformers import JanusConfig as HFJanusConfig
 
+            if aux_from is not None:
+                copy_aux_files(aux_from, tmp)
+            try:  # transformers' processor files in place of DeepSeek's (checkpoint/processor.py)
+                write_hf_processor(tmp, cfg)
+                if cfg.image_token_id is None:  # a release's config does not name it; its tokenizer does
+                    cfg = dataclasses.replace(cfg, image_token_id=image_token_id(tmp))
+            except ProcessorFilesError as e:
+                raise CheckpointError(f"{aux_from}: {e}") from None
             HFJanusConfig(**config_formats.config_to_hf(cfg)).save_pretrained(str(tmp))
             _save_safetensors(external, tmp, {"format": "pt"})
         else:  # deepseek: only for building test fixtures in the original layout
             (tmp / "config.json").write_text(json.dumps(config_formats.config_to_deepseek(cfg), indent=2) + "\n")
             torch.save({k: v.contiguous() for k, v in external.items()}, tmp / "pytorch_model.bin")
-        if aux_from is not None:
+        if aux_from is not None and fmt != "hf":
             copy_aux_files(aux_from, tmp)
         # mkdtemp makes a private directory; give the result normal permissions.
         tmp.chmod(0o755)
@@ -357,4 +391,4 @@ def read_tokenizer_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.T
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path}: no model.safetensors")
-    return meta, load_file(str(weights))
+    return meta, load_weight_file(weights)

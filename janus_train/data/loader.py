@@ -34,11 +34,13 @@ from typing import Any, Iterator
 
 from janus_train.contracts import conversation as conv
 from janus_train.contracts.batch import TASK_ID, TASKS, PackedBatch
-from janus_train.data.config import DataConfig, ImageConfig
+from janus_train.contracts.errors import ConfigError
+from janus_train.data.config import DataConfig, DataSettings, ImageConfig
+from janus_train.data.formats import CODES_PART
 from janus_train.data.mixing import plan_step
 from janus_train.contracts.batch import Row, collate
 from janus_train.data.packing import TaskPacker
-from janus_train.data.shards import dataset_shards, read_janus_meta
+from janus_train.data.shards import META_DIR, ShardInfo, ShardReader, dataset_shards, read_janus_meta
 from janus_train.data.sources import DecodePool, SkipStats, SourcePlan, SourceStream
 from janus_train.contracts.tokens import TokenizerInfo
 from janus_train.data.tokenize import DocBuilder, flow_draw
@@ -84,31 +86,18 @@ class TrainLoader:
             repa_image=image.repa_image,
         )
         self.flow = image.gen_kind == "flow"
-        self.vae_scale: float | None = None  # JanusFlow: the gen sources' VAE scaling factor
         ratios = [cfg.ratio] + [r for _, r in cfg.ratio_phases]
         self.active = [t for i, t in enumerate(TASKS) if any(r[i] > 0 for r in ratios)]
         self.source_names: dict[int, list[str]] = {TASK_ID[t]: [s.name for s in getattr(cfg, t)] for t in TASKS}
-        # Plans first: they read the shard indexes, so a bad path fails before workers start.
+        # Every source is checked before any worker starts (seconds, not a stalled first step).
+        self.vae_scale: float | None = check_sources(cfg, image, self.active)  # JanusFlow's VAE scaling factor
         plans: dict[str, list[SourcePlan]] = {}
+        read_rank, read_size = (0, 1) if cfg.sharding == "global" else (dp_rank, dp_size)
         for task in self.active:
-            plans[task] = []
-            for src in getattr(cfg, task):
-                meta = read_janus_meta(src.path)
-                if meta.get("task") not in (None, task):
-                    raise ValueError(f"data.{task} source {src.path} holds {meta['task']!r} samples, not {task!r}")
-                resized = meta.get("und_resized_to")
-                if task == "und" and resized is not None and int(resized) != image.image_size:
-                    # Resizing a pre-resized image again is not what the model was meant to
-                    # see (and upscaling loses detail): the shards fit one image size only.
-                    raise ValueError(
-                        f"data.und source {src.path} was built with --und-resize {resized}, but the model's und "
-                        f"image size is {image.image_size}; rebuild it from the originals with "
-                        f"--und-resize {image.image_size} (or without --und-resize)"
-                    )
-                if task == "gen":
-                    self._check_gen_source(src.path, meta)
-                read_rank, read_size = (0, 1) if cfg.sharding == "global" else (dp_rank, dp_size)
-                plans[task].append(SourcePlan(f"{task}/{src.name}", dataset_shards(src.path), cfg.chunk_size, cfg.seed, read_rank, read_size))
+            plans[task] = [
+                SourcePlan(f"{task}/{src.name}", dataset_shards(src.path), cfg.chunk_size, cfg.seed, read_rank, read_size)
+                for src in getattr(cfg, task)
+            ]
         self.pool = DecodePool(builder, cfg.num_workers, cfg.worker_start_method)
         self.streams: dict[str, list[SourceStream]] = {}
         self.packers: dict[str, TaskPacker] = {}
@@ -125,25 +114,6 @@ class TrainLoader:
                 lookahead=cfg.lookahead,
                 max_wait_steps=cfg.max_wait_steps,
             )
-
-    def _check_gen_source(self, path: str, meta: dict[str, Any]) -> None:
-        """A gen source must hold what the model family trains on: codes or VAE latents."""
-        shape = meta.get("latent_shape")
-        if not self.flow:
-            if shape is not None:
-                raise ValueError(f"data.gen source {path} holds VAE latents (pretokenize_vae), which JanusFlow trains on; "
-                                 "a Janus-Pro model needs VQ codes (data_pipelines.pretokenize_vq)")
-            return
-        scale = meta.get("vae_scaling_factor")
-        if shape is None or scale is None:
-            raise ValueError(f"data.gen source {path} has no VAE latents (its janus meta lacks latent_shape / "
-                             "vae_scaling_factor): build it with data_pipelines.pretokenize_vae")
-        if tuple(shape) != tuple(self.image.latent_shape):
-            raise ValueError(f"data.gen source {path} holds latents {list(shape)}, the model takes {list(self.image.latent_shape)}")
-        if self.vae_scale is not None and float(scale) != self.vae_scale:
-            raise ValueError(f"data.gen sources were encoded with different VAEs (scaling factors {self.vae_scale} and "
-                             f"{scale} in {path}); one run trains on one VAE's latents")
-        self.vae_scale = float(scale)
 
     # ---- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[PackedBatch]]:
@@ -240,6 +210,109 @@ class TrainLoader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_sources(cfg: DataSettings, image: ImageConfig, tasks: tuple[str, ...] | list[str] = TASKS) -> float | None:
+    """Check every source of `tasks` (see `check_source`), and that JanusFlow's gen sources were
+    encoded by one VAE. Returns that VAE's scaling factor (None for Janus-Pro)."""
+    vae_scale: float | None = None
+    for task in tasks:
+        for i, src in enumerate(getattr(cfg, task)):
+            key = f"data.{task}[{i}].path"
+            scale = check_source(src.path, task, image, key)
+            if vae_scale is not None and scale != vae_scale:
+                raise ConfigError(key, f"data.gen sources were encoded with different VAEs (scaling factors {vae_scale} and "
+                                       f"{scale} in {src.path}); one run trains on one VAE's latents")
+            vae_scale = scale if scale is not None else vae_scale
+    return vae_scale
+
+
+def check_source(path: str, task: str, image: ImageConfig, key: str = "data") -> float | None:
+    """Check one source directory the way the loader will read it, in seconds and before any
+    worker starts: it exists and is an energon dataset with samples, its shards are on disk,
+    its metadata names the task, und shards fit the model's image size, and gen shards are
+    pre-tokenised for the model family (VQ codes for Janus-Pro, VAE latents for JanusFlow).
+    A failure is a `ConfigError` naming `key`, the directory and the command that fixes it.
+    Returns a JanusFlow gen source's VAE scaling factor, else None."""
+    meta, shards = _check_dataset(key, path, task)
+    if task == "und":
+        resized = meta.get("und_resized_to")
+        if resized is not None and int(resized) != image.image_size:
+            # Resizing a pre-resized image again is not what the model was meant to see (and
+            # upscaling loses detail): the shards fit one image size only.
+            raise ConfigError(key, f"{path} was built with --und-resize {resized}, but the model's und image size is "
+                                   f"{image.image_size}; rebuild it from the originals with --und-resize {image.image_size} "
+                                   "(or without --und-resize)")
+    if task == "gen":
+        return _check_gen_source(key, path, meta, shards[0], image)
+    return None
+
+
+_BUILD = "python -m data_pipelines.build_shards --task {task} --input MANIFEST --out {path}"
+
+
+def _check_dataset(key: str, path: str, task: str) -> tuple[dict[str, Any], list[ShardInfo]]:
+    """(janus meta, shards with samples that are on disk) of one source directory; ConfigError
+    saying what is missing."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(key, f"data directory {path} does not exist")
+    build = _BUILD.format(task=task, path=path)
+    if not any(root.iterdir()):
+        raise ConfigError(key, f"data directory {path} is empty; build it with `{build}`")
+    try:
+        shards = dataset_shards(root)
+    except FileNotFoundError as e:  # no energon index
+        raise ConfigError(key, str(e)) from None
+    except ValueError as e:  # an index listing no shards
+        raise ConfigError(key, f"{e}; build it with `{build}`") from None
+    if not shards:
+        raise ConfigError(key, f"{path} holds no samples (every shard in {META_DIR}/.info.json is empty); build it with `{build}`")
+    present = [s for s in shards if Path(s.path).is_file()]
+    if not present:  # some missing are counted and skipped (missing_shard) while training; all is no data
+        raise ConfigError(key, f"{path}: none of the {len(shards)} shard(s) listed in {META_DIR}/.info.json is on disk "
+                               f"(e.g. {shards[0].name}); copy the whole directory again or rebuild it with `{build}`")
+    meta = read_janus_meta(root)
+    if meta.get("task") not in (None, task):
+        raise ConfigError(key, f"{path} holds {meta['task']!r} samples, not {task!r} (data.{task} lists it)")
+    return meta, present
+
+
+def _check_gen_source(key: str, path: str, meta: dict[str, Any], first: ShardInfo, image: ImageConfig) -> float | None:
+    """A gen source must hold what the model family trains on: VQ codes (Janus-Pro) or VAE
+    latents (JanusFlow). The janus meta says so when a pretokenizer wrote the shards; shards
+    from build_shards (codes given in the manifest, or images only) are told apart by their
+    first sample. Returns the VAE scaling factor (JanusFlow) or None."""
+    shape = meta.get("latent_shape")
+    if image.gen_kind != "flow":
+        if shape is not None:
+            raise ConfigError(key, f"{path} holds VAE latents (pretokenize_vae), which JanusFlow trains on; a Janus-Pro model "
+                                   f"needs VQ codes: `python -m data_pipelines.pretokenize_vq --ckpt INIT_CHECKPOINT --in IMAGES_DIR --out DIR`")
+        if CODES_PART not in _first_sample_parts(first):
+            raise ConfigError(key, f"{path} is not pre-tokenised: its gen samples have no {CODES_PART} (VQ codes); encode it "
+                                   f"once with `python -m data_pipelines.pretokenize_vq --ckpt INIT_CHECKPOINT --in {path} "
+                                   f"--out {path.rstrip('/')}_vq` and train on the output")
+        return None
+    scale = meta.get("vae_scaling_factor")
+    if shape is None or scale is None:
+        raise ConfigError(key, f"{path} has no VAE latents (its janus meta lacks latent_shape / vae_scaling_factor); encode it "
+                               f"once with `python -m data_pipelines.pretokenize_vae --ckpt INIT_CHECKPOINT --vae VAE_DIR --in {path} "
+                               f"--out {path.rstrip('/')}_vae` and train on the output")
+    if tuple(shape) != tuple(image.latent_shape or ()):
+        raise ConfigError(key, f"{path} holds latents {list(shape)}, the model takes {list(image.latent_shape or ())}")
+    return float(scale)
+
+
+def _first_sample_parts(shard: ShardInfo) -> set[str]:
+    """The part names of a shard's first sample (all names when it cannot be read: a damaged
+    sample is the loader's to skip and count, not a reason to refuse the source)."""
+    try:
+        sample = ShardReader().read(shard.path, 0, 1)[0]
+    except (OSError, IndexError, ValueError):
+        sample = None
+    if sample is None or sample.parts is None:
+        return {CODES_PART}
+    return set(sample.parts)
 
 
 def build_train_loader(

@@ -22,7 +22,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, Valid
 
 from janus_train.contracts.batch import TASKS
 from janus_train.contracts.errors import ConfigError, from_validation_error, unknown_key
-from janus_train.data.config import DataSettings, Ratio, Source
+from janus_train.data.config import DataSettings, ImageConfig, Ratio, Source
+from janus_train.data.loader import check_source
 from janus_train.eval.config import EvalData, EvalSettings
 from janus_train.models.attention import ATTENTION_BACKENDS
 from janus_train.models.families import ALL_PRESETS, FAMILIES, family_of_preset
@@ -381,6 +382,7 @@ def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, c
             family.check_trainable(s.trainable)
         except ValueError as e:
             raise ConfigError(f"train.stages.{s.name}.trainable", f"{e} (model.preset={run.model.preset} is a {family.name} model)") from None
+    image = ImageConfig.from_model(model_cfg)
     vae = run.model.vae
     if family.gen_kind == "flow":
         if run.logging.sample_every and vae is None and complete:
@@ -394,7 +396,6 @@ def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, c
             raise ConfigError("model.vae", f"{vae!r} is not a diffusers AutoencoderKL directory (no config.json)")
     elif vae is not None:
         raise ConfigError("model.vae", f"only JanusFlow uses a VAE; model.preset={run.model.preset} is a Janus-Pro model (its VQ is in the checkpoint)")
-    del model_cfg
     for s in stages:
         until = [u for u, _ in s.ratio_phases]
         if until != sorted(set(until)):
@@ -409,8 +410,8 @@ def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, c
             if not srcs and complete:
                 raise ConfigError(key, f"{s.name} gives task {task} a ratio share of {share:g} but lists no sources")
             for i, src in enumerate(srcs):
-                if check_paths and not Path(src["path"]).is_dir():
-                    raise ConfigError(f"{key}[{i}].path", f"data directory {src['path']!r} does not exist")
+                if check_paths:  # in seconds, not after the model loads: present, has samples, pre-tokenised
+                    check_source(src["path"], task, image, f"{key}[{i}].path")
     if run.eval.data is not None and check_paths:
         run.eval.data.check_exists(tuple(run.eval.tasks), key="eval.data")
     if run.eval.scorer is not None:

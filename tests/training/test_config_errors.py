@@ -46,6 +46,16 @@ def test_missing_data_dir_names_the_source(tmp_path):
     assert "nowhere" in str(e.value)
 
 
+def test_empty_data_dir_fails_at_validation(tmp_path):
+    # an existing but empty directory used to pass validation and fail after the model loaded
+    for task in ("und", "text", "gen_real", "gen_synthetic"):
+        (tmp_path / task).mkdir()
+    with pytest.raises(ConfigError) as e:
+        _check([f"data.root={tmp_path}", "model.init_from=null"], paths=True)
+    assert e.value.key.startswith("data.und[0].path")
+    assert str(tmp_path / "und") in str(e.value) and "build_shards" in str(e.value)
+
+
 def test_unknown_recipe_lists_choices():
     with pytest.raises(ConfigError) as e:
         load_config(["+recipe=janus_pro_3b"])
