@@ -172,12 +172,22 @@ class Trainer:
         )
         return DataConfig.from_dict(d)
 
-    def _build_loader(self, stage: StageSettings, state: dict | None):
+    def _build_loader(self, stage: StageSettings, state: dict | None, ckpt: Path | None = None):
         from janus_train.data.loader import build_train_loader
 
         loader = build_train_loader(self._data_config(stage), self.tokenizer, self.model_config, self.dp_rank, self.dp_size)
         if state is not None:
-            loader.load_state_dict(state)
+            try:
+                loader.load_state_dict(state)
+            except ValueError as e:
+                # The loader's position is only meaningful for the data it was saved with.
+                loader.close()
+                raise ConfigError(
+                    "data",
+                    f"cannot resume the data stream from {ckpt}: {e}. The data settings changed since that checkpoint. "
+                    f"Put them back to resume this run, or train on the new data from its weights in a new run_dir "
+                    f"(run_dir=<new> model.init_from={ckpt})",
+                ) from None
         return loader
 
     def _setup_callbacks(self) -> None:
@@ -375,7 +385,7 @@ class Trainer:
                 # schedule (a function of the stage's step) gives the new one.
                 self._sync_lr()
             loader_state = self.ckpt.loader_state(path, self.dp_rank)
-        self.loader = self._build_loader(stage, loader_state)
+        self.loader = self._build_loader(stage, loader_state, ckpt_state[1] if ckpt_state is not None else None)
         self._call("on_stage_start", stage)
         try:
             state = self._loop(stage)

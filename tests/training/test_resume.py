@@ -84,3 +84,15 @@ def test_resume_with_another_dp_size_fails_clearly(reference_runs, shapes_root, 
     r = trainer_tools.run(ov, nproc=1, launcher="python", timeout=600)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "config error: parallel: the checkpoint" in r.stderr and "2 data-parallel ranks" in r.stderr
+
+
+def test_resume_with_other_data_settings_says_what_to_do(reference_runs, shapes_root, tmp_path, trainer_tools):
+    # the loader's saved position belongs to the data it was saved with: a changed data.seed
+    # (like changed sources or weights) cannot resume it, and the error says what can be done
+    ckpt = reference_runs.one_rank / "checkpoints" / "step_00000006"
+    assert (ckpt / "meta.json").is_file()
+    ov = _overrides(trainer_tools, shapes_root, tmp_path / "run") + [f"resume={ckpt}", "data.seed=99"]
+    r = trainer_tools.run(ov, nproc=1, launcher="python", timeout=600)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "config error: data: cannot resume the data stream" in r.stderr, r.stderr[-3000:]
+    assert f"model.init_from={ckpt}" in r.stderr and "Traceback" not in r.stderr
