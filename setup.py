@@ -31,6 +31,9 @@ INSTALL_REQUIRES = [
     # JanusFlow: the time embedding of its generation encoder, and AutoencoderKL (SDXL-VAE). No
     # torch requirement of its own, so it never pulls a CUDA build.
     "diffusers>=0.31,<1",
+    # finetune.mode=lora: LoRA adapters on our modules, and the adapter directories that
+    # PeftModel.from_pretrained loads (requires torch>=1.13, so the pinned CPU torch stays).
+    "peft>=0.13,<1",
 ]
 
 EXTRAS_REQUIRE = {

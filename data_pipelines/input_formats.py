@@ -253,8 +253,10 @@ def _open_folder(path: Path) -> tuple[int, Iterator[tuple[int, Any]]]:
     if not path.is_dir():
         raise InputError(f"--input {path}: --format folder reads a directory")
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # Absolute paths: relative ones would be read against --image-root (the folder itself by
+    # default), which doubles a relative --input.
     records = [
-        {"image": str(p), "caption": str(p.with_suffix(".txt")), "key": p.relative_to(path).with_suffix("").as_posix()}
+        {"image": str(p.resolve()), "caption": str(p.with_suffix(".txt").resolve()), "key": p.relative_to(path).with_suffix("").as_posix()}
         for p in images
     ]
     return len(records), iter(enumerate(records))

@@ -14,6 +14,14 @@ writes, for N samples per task (deterministic in --seed, whatever --workers):
     DIR/gen_synthetic.jsonl  {"key", "image", "caption", "source": "synthetic"}  long "aesthetic" prompts
     DIR/data.yaml            a data config over the shard dirs build_shards would make
 
+and with --user-formats, the same samples again in the layouts people's own data come in (to try
+`build_shards --format ...` and the fine-tuning chain of docs/finetune.md without downloads):
+
+    DIR/llava.json           und as LLaVA instruction data: [{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]
+    DIR/swift.jsonl          und as ms-swift rows: {"messages": [{"role", "content"}], "images": [path]}
+    DIR/sharegpt.json        text as ShareGPT chats: [{"conversations": [{"from", "value"}]}]
+    DIR/captions/            gen_real's images with same-named .txt captions (a text-to-image folder)
+
 Image paths are relative to DIR. Images vary in aspect ratio (long side --image-size), so the
 und padding and gen cropping are exercised, unless --square; a gen image's shapes lie in its
 central square, which the gen crop keeps, so its caption describes what the model sees. Shapes never overlap,
@@ -28,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -174,6 +183,28 @@ def _make(args: tuple[str, int, int, int, str, World]) -> dict:
     return {"key": key, "image": rel, "caption": aesthetic_prompt(scene, rng), "source": "synthetic"}
 
 
+def write_user_formats(out: Path, rows: dict[str, list[dict]]) -> None:
+    """The und, text and gen_real samples in the published layouts of LLaVA, ms-swift, ShareGPT
+    and an image folder with .txt captions (docs/data.md "Input formats")."""
+    llava, swift = [], []
+    for r in rows["und"]:
+        turns = [{"from": "human" if t["role"] == "user" else "gpt", "value": t["content"]} for t in r["conversations"]]
+        llava.append({"id": r["key"], "image": r["image"], "conversations": turns})
+        swift.append({"messages": [{"role": t["role"], "content": t["content"].replace("<image>\n", "<image>")} for t in r["conversations"]],
+                      "images": [r["image"]]})
+    (out / "llava.json").write_text(json.dumps(llava, indent=1))
+    (out / "swift.jsonl").write_text("".join(json.dumps(x) + "\n" for x in swift))
+    chats = [{"conversations": [{"from": "human", "value": "Tell me something about shapes and colours."},
+                                {"from": "gpt", "value": r["text"]}]} for r in rows["text"]]
+    (out / "sharegpt.json").write_text(json.dumps(chats, indent=1))
+    folder = out / "captions"
+    folder.mkdir(exist_ok=True)
+    for r in rows["gen_real"]:
+        name = Path(r["image"]).name
+        shutil.copyfile(out / r["image"], folder / name)
+        (folder / name).with_suffix(".txt").write_text(r["caption"] + "\n")
+
+
 def data_yaml(out: Path) -> str:
     return (
         "# shards made by: python -m data_pipelines.build_shards (see docs/data.md)\n"
@@ -203,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise", type=int, default=6, help="per-pixel noise amplitude, 0 for flat colours (default 6)")
     p.add_argument("--max-questions", type=int, default=3,
                    help=f"questions per und conversation: 1..N, distinct types (default 3, at most {len(QUESTION_TYPES)})")
+    p.add_argument("--user-formats", action="store_true",
+                   help="also write the samples as LLaVA JSON, ms-swift JSONL, ShareGPT JSON and an image folder with .txt captions")
     args = p.parse_args(argv)
     kinds = tuple(k.strip() for k in args.shapes.split(",") if k.strip())
     bad = [k for k in kinds if k not in shapes.SHAPES]
@@ -239,14 +272,19 @@ def main(argv: list[str] | None = None) -> None:
     counts = {"und": args.n, "text": args.n, "gen_real": n_real, "gen_synthetic": args.n - n_real}
     jobs = [(t, i, args.seed, args.image_size, str(out), world) for t, n in counts.items() for i in range(n)]
     files = {t: open(out / f"{t}.jsonl.tmp", "w") for t in counts}
+    kept: dict[str, list[dict]] = {t: [] for t in counts}
     ctx = get_context("fork")
     with ctx.Pool(max(1, args.workers)) as pool:
         for job, row in zip(jobs, tqdm(pool.imap(_make, jobs, chunksize=64), total=len(jobs), desc="shapes", unit="sample")):
             files[job[0]].write(json.dumps(row) + "\n")
+            if args.user_formats:
+                kept[job[0]].append(row)
     for t, f in files.items():
         f.close()
         os.replace(out / f"{t}.jsonl.tmp", out / f"{t}.jsonl")
     (out / "data.yaml").write_text(data_yaml(out))
+    if args.user_formats:
+        write_user_formats(out, kept)
     print(f"wrote {sum(counts.values())} samples to {out} ({', '.join(f'{t}: {n}' for t, n in counts.items())})")
 
 

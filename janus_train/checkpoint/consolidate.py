@@ -38,9 +38,11 @@ def _whole_param(param: torch.Tensor, zero_stage: int) -> torch.Tensor:
 
 
 def full_state_dict(
-    module: nn.Module, zero_stage: int = 0, dtype: torch.dtype = torch.float32, dst: int | None = 0
+    module: nn.Module, zero_stage: int = 0, dtype: torch.dtype = torch.float32, dst: int | None = 0, trainable_only: bool = False
 ) -> dict[str, torch.Tensor] | None:
     """Whole native-key weights (and buffers) on global rank `dst` (None: on every rank).
+    `trainable_only`: the parameters that train, no buffers (a LoRA run's adapters and modules
+    to save; the frozen base is never gathered).
 
     Collective: every rank of the job calls it, with the same module structure. Trainable
     weights under ZeRO come from the optimizer's fp32 masters (not the bf16 working copies),
@@ -51,6 +53,8 @@ def full_state_dict(
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
+        if trainable_only and not p.requires_grad:
+            continue
         if id(p) in seen:  # tied weights: one tensor, two names
             if keep:
                 out[name] = out[seen[id(p)]]
@@ -62,7 +66,7 @@ def full_state_dict(
         if keep:
             out[name] = full.to(dtype)
     for name, b in module.named_buffers():
-        if keep:
+        if keep and not trainable_only:
             out[name] = b.detach().to("cpu", copy=True)
     return out if keep else None
 

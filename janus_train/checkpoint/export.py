@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from janus_train.checkpoint.manager import complete_checkpoints, read_meta
+from janus_train.checkpoint.adapters import is_lora_checkpoint, read_lora_checkpoint
+from janus_train.checkpoint.manager import EMA_DIR, complete_checkpoints, read_meta
 from janus_train.models.janus.config import JanusConfig
 from janus_train.checkpoint.io import CheckpointError, read_checkpoint, write_checkpoint
 
@@ -23,13 +24,25 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no complete training checkpoint (run dir, checkpoints/ or step_* with meta.json)")
 
 
-def read_training_checkpoint(path: str | Path) -> tuple[JanusConfig, dict[str, torch.Tensor], Path]:
-    """(config, native state dict, directory holding the tokenizer files)."""
+def training_model_dir(path: str | Path) -> Path:
+    """The model/ directory of the checkpoint `path` resolves to (whole weights, or LoRA adapters)."""
     ckpt = resolve_checkpoint_dir(path)
     model_dir = ckpt / "model"
     if not model_dir.is_dir():
         raise CheckpointError(f"{ckpt}: has no model/ directory")
-    cfg, sd = read_checkpoint(model_dir, "native")
+    # A run with train.ema_decay > 0: its weight average is the model to use.
+    return ckpt / EMA_DIR if (ckpt / EMA_DIR).is_dir() else model_dir
+
+
+def read_training_checkpoint(path: str | Path, lora_dtype: torch.dtype | None = None) -> tuple[JanusConfig, dict[str, torch.Tensor], Path]:
+    """(config, native state dict, directory holding the tokenizer files). A LoRA run's checkpoint
+    (adapters + base.json) gives its base's weights with the adapters merged (checkpoint/adapters.py),
+    in `lora_dtype` (None: the base's dtypes)."""
+    model_dir = training_model_dir(path)
+    if is_lora_checkpoint(model_dir):
+        cfg, sd = read_lora_checkpoint(model_dir, dtype=lora_dtype)
+    else:
+        cfg, sd = read_checkpoint(model_dir, "native")
     return cfg, sd, model_dir
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from janus_train.checkpoint.processor import ProcessorFilesError, image_token_id, write_hf_processor
+from janus_train.checkpoint.processor import ProcessorFilesError, image_token_id, token_ids, write_generation_config, write_hf_processor
 from janus_train.models.janus import config_formats, keys
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janusflow import config_formats as flow_formats
@@ -63,9 +63,16 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as asked; the message says why."""
 
 
+# A LoRA run's checkpoint model/ directory: peft's adapter files + base.json naming the base
+# (checkpoint/adapters.py); read as the base with the adapters merged.
+LORA_FORMAT = "lora"
+
+
 def detect_format(path: str | Path) -> str:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
+        if (Path(path) / "adapter_config.json").is_file() and (Path(path) / "base.json").is_file():
+            return LORA_FORMAT
         raise CheckpointError(f"{path}: no config.json, not a checkpoint directory")
     d = json.loads(cfg_path.read_text())
     if d.get("format") == NATIVE_MARKER:
@@ -79,6 +86,11 @@ def detect_format(path: str | Path) -> str:
 
 def read_config(path: str | Path, fmt: str | None = None) -> ModelConfig:
     fmt = fmt or detect_format(path)
+    if fmt == LORA_FORMAT:
+        from janus_train.checkpoint.adapters import read_base
+
+        base, base_fmt = read_base(path)
+        return read_config(base, base_fmt)
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json, not a checkpoint directory")
@@ -167,6 +179,10 @@ def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[ModelConf
     release has no tensors for the training-only parts (the caller keeps their initialisation)."""
     path = Path(path)
     fmt = fmt or detect_format(path)
+    if fmt == LORA_FORMAT:
+        from janus_train.checkpoint.adapters import read_lora_checkpoint
+
+        return read_lora_checkpoint(path)
     cfg = read_config(path, fmt)
     external = _read_tensors(path, fmt)
     try:
@@ -246,9 +262,14 @@ def write_checkpoint(
                 write_hf_processor(tmp, cfg)
                 if cfg.image_token_id is None:  # a release's config does not name it; its tokenizer does
                     cfg = dataclasses.replace(cfg, image_token_id=image_token_id(tmp))
+                ids = token_ids(tmp)
             except ProcessorFilesError as e:
                 raise CheckpointError(f"{aux_from}: {e}") from None
-            HFJanusConfig(**config_formats.config_to_hf(cfg)).save_pretrained(str(tmp))
+            hf_cfg = config_formats.config_to_hf(cfg)
+            # The tokenizer's special ids, not transformers' Llama defaults (bos 1, eos 2).
+            hf_cfg["text_config"].update({k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids})
+            HFJanusConfig(**hf_cfg).save_pretrained(str(tmp))
+            write_generation_config(tmp, ids)
             _save_safetensors(external, tmp, {"format": "pt"})
         else:  # deepseek: only for building test fixtures in the original layout
             (tmp / "config.json").write_text(json.dumps(config_formats.config_to_deepseek(cfg), indent=2) + "\n")
@@ -340,7 +361,7 @@ def load_tokenizer(path: str | Path):
 TOKENIZER_MARKER = "janus_train_tokenizer"
 
 
-def _write_dir_atomically(path: str | Path, fill, extra_files: dict[str, bytes] | None) -> Path:
+def write_dir_atomically(path: str | Path, fill, extra_files: dict[str, bytes] | None) -> Path:
     """`fill(tmp)` writes a directory's content into a temporary sibling, the extra files are
     added, and the result replaces `path` by a rename (a crash leaves no half-written `path`)."""
     path = Path(path)
@@ -370,13 +391,13 @@ def write_tokenizer_checkpoint(path: str | Path, kind: str, config: dict, image_
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
-    return _write_dir_atomically(path, fill, extra_files)
+    return write_dir_atomically(path, fill, extra_files)
 
 
 def write_vae_checkpoint(path: str | Path, vae: torch.nn.Module, extra_files: dict[str, bytes] | None = None) -> Path:
     """A trained diffusers `AutoencoderKL` in diffusers' own layout (`AutoencoderKL.from_pretrained`
     loads it, as it loads the SDXL-VAE), plus our report files, written atomically."""
-    return _write_dir_atomically(path, lambda tmp: vae.save_pretrained(str(tmp), safe_serialization=True), extra_files)
+    return write_dir_atomically(path, lambda tmp: vae.save_pretrained(str(tmp), safe_serialization=True), extra_files)
 
 
 def read_tokenizer_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -8,11 +8,28 @@ Layout under `<run_dir>/checkpoints/`:
                               here works with its default arguments (`python zero_to_fp32.py . out`)
       model/                  whole fp32 weights in janus-train's native format (+ tokenizer files):
                               exportable to HF, and the hand-over between stages/topologies
+      model_ema/              with train.ema_decay > 0: the weight average, same format (exports
+                              and samples use it; training continues from model/)
       loader/rank_00000.json  each data-parallel rank's loader state (incl. the mixer's)
       rng/rank_00000.pt       each rank's python/numpy/torch RNG states
       meta.json               written last: step, stage, topology, timestamps
     latest                    name of the newest complete checkpoint (a hint; a scan decides)
     .tmp-step_00000060-XXXX/  a save in progress: never resumed from, removed at next start
+
+A LoRA run (finetune.mode=lora) saves only what trains. Its `model/` holds, instead of whole
+weights, peft's adapter directory for our model plus the base's location:
+
+      model/adapter_config.json        peft's LoraConfig (target_modules: a regex over our module names)
+      model/adapter_model.safetensors  `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, and
+                                       `base_model.model.<component>.<param>` of each module to save
+                                       (what `PeftModel.save_pretrained` writes for our model)
+      model/base.json                  {"path": <absolute base checkpoint dir>, "format": hf|deepseek|native}
+      model/<tokenizer files>
+
+and `ds/` is saved with `exclude_frozen_parameters=True` (no frozen base weights; loaded with
+`load_module_strict=False`, the base coming from base.json). checkpoint/adapters.py reads it:
+`read_lora_checkpoint(model/)` gives the merged whole weights (base + B @ A x alpha / r, merged by
+peft), and every reader of checkpoints (`io.read_checkpoint`) takes such a directory as those.
 
 A save writes everything into the temporary directory, then renames it into place; the rename
 is the commit. `kill -9` at any moment leaves either the old set of complete checkpoints or the
@@ -35,13 +52,25 @@ import numpy as np
 import torch
 
 from janus_train.checkpoint.consolidate import full_state_dict
-from janus_train.checkpoint.io import write_checkpoint
+from janus_train.checkpoint.adapters import BASE_FILE, is_lora_checkpoint
+from janus_train.checkpoint.io import copy_aux_files, write_checkpoint
 from janus_train.contracts.faults import fault
 from janus_train.parallel.distributed import barrier, broadcast_object
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 DS_TAG = "ds"  # DeepSpeed's tag (sub-directory) inside each checkpoint
+EMA_DIR = "model_ema"  # the weight average's whole weights inside a checkpoint
+
+
+@dataclass(frozen=True)
+class LoraSave:
+    """What a LoRA run's checkpoint records besides the adapter values."""
+
+    settings: Any  # models.lora.LoraSettings
+    base_path: str  # absolute path of the base checkpoint directory
+    base_format: str  # hf | deepseek | native
+    model_class: type  # the adapted model's class (peft's auto_mapping)
 
 
 @dataclass
@@ -160,12 +189,15 @@ class CheckpointManager:
         model_config,
         aux_dir: Path | None,
         protect: bool = False,
+        lora: LoraSave | None = None,
+        ema_sd: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint path.
 
         Writes DeepSpeed's engine state (every rank its partition), the whole fp32 weights in
-        native format with `aux_dir`'s tokenizer files (rank 0), each rank's loader and RNG
-        state, then meta.json, and renames the directory into place.
+        native format with `aux_dir`'s tokenizer files (rank 0; and `ema_sd`, the weight average,
+        as model_ema/), each rank's loader and RNG state, then meta.json, and renames the directory into place. With `lora`: the
+        adapters, base.json and no frozen weights anywhere (module docstring).
         """
         final = self.root / checkpoint_name(meta.step)
         tmp_name = broadcast_object(f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None)
@@ -175,13 +207,19 @@ class CheckpointManager:
         barrier()
         # DeepSpeed's `latest` tag file is written below with meta.json (rank 0), inside the
         # directory that the rename commits.
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-        sd = full_state_dict(engine.module, engine.zero_optimization_stage())  # collective; rank 0 holds it
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=lora is not None)
+        # collective; rank 0 holds it
+        sd = full_state_dict(engine.module, engine.zero_optimization_stage(), trainable_only=lora is not None)
         if self.rank == 0:
             slow = fault("save_sleep")
             if slow and int(slow[0]) == meta.step:
                 time.sleep(slow[1])
-            write_checkpoint(tmp / "model", model_config, sd, fmt="native", aux_from=aux_dir)
+            if lora is None:
+                write_checkpoint(tmp / "model", model_config, sd, fmt="native", aux_from=aux_dir)
+            else:
+                self._write_lora(tmp / "model", lora, sd, aux_dir)
+            if ema_sd is not None:
+                write_checkpoint(tmp / EMA_DIR, model_config, ema_sd, fmt="native", aux_from=aux_dir)
         del sd
         (tmp / "loader").mkdir(exist_ok=True)
         (tmp / "rng").mkdir(exist_ok=True)
@@ -206,6 +244,15 @@ class CheckpointManager:
         barrier()
         return final
 
+    @staticmethod
+    def _write_lora(out: Path, lora: LoraSave, trainable_sd: dict[str, torch.Tensor], aux_dir: Path | None) -> None:
+        from janus_train.models.lora import adapter_state_dict, write_adapter
+
+        write_adapter(out, lora.settings, adapter_state_dict(trainable_sd, lora.settings), lora.model_class)
+        (out / BASE_FILE).write_text(json.dumps({"path": lora.base_path, "format": lora.base_format}, indent=2) + "\n")
+        if aux_dir is not None:
+            copy_aux_files(aux_dir, out)
+
     def _prune(self) -> None:
         ckpts = complete_checkpoints(self.root)
         unprotected = [(m, p) for m, p in ckpts if not json.loads((p / "meta.json").read_text()).get("protect")]
@@ -213,13 +260,14 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     def load(self, engine, path: Path, load_optimizer: bool = True) -> None:
-        """DeepSpeed state (module + optimizer + schedule) of a same-topology checkpoint."""
+        """DeepSpeed state (module + optimizer + schedule) of a same-topology checkpoint. A
+        LoRA checkpoint's ds/ lacks the frozen base (already loaded from base.json): not strict."""
         loaded, _ = engine.load_checkpoint(
             str(path),
             tag=DS_TAG,
             load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=load_optimizer,
-            load_module_strict=True,
+            load_module_strict=not is_lora_checkpoint(path / "model"),
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}/ds")

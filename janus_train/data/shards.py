@@ -2,7 +2,8 @@
 random access to samples by (shard, index).
 
 A dataset directory holds `*.tar` shards and `.nv-meta/` as written by `energon prepare`:
-`.info.json` (samples per shard), `split.yaml`, `dataset.yaml` (CrudeWebdataset), and a
+`.info.json` (samples per shard), `split.yaml`, `dataset.yaml` (our samples as energon's standard
+sample types, through `sample_loader.py`; `crude.yaml`: as a CrudeWebdataset), and a
 `<shard>.tar.idx` next to each shard (uint64 byte offset of every sample start, plus the end).
 We read those offsets to seek straight to any sample, which is what makes exact resume and
 re-reading the packer's look-ahead buffer cheap. Our own `.nv-meta/janus_dataset.json` records
@@ -72,9 +73,129 @@ def write_janus_meta(root: str | Path, meta: dict[str, Any]) -> None:
     p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+# `.nv-meta/sample_loader.py` of every dataset we write: how energon's own tools and loaders
+# (`energon info`, `energon lint`, `energon preview`, `get_train_dataset`) see our samples as its
+# standard sample types. Self-contained (energon executes it; it must not need janus_train).
+# Our loader never reads it: it reads `.info.json` and the `.tar.idx` offsets only.
+ENERGON_SAMPLE_LOADER = '''"""Written by janus-train (janus_train/data/shards.py): our samples as energon sample types.
+
+und  (image + json conversations) -> VQASample(image, context, answers): one user turn and one
+     answer map directly; a multi-turn chat gives the turns before the last answer as context
+     ("User: ..." / "Assistant: ..." lines) and the last answer. The "<image>" marker and
+     the optional system prompt are left out.
+gen  (image + json caption)       -> CaptioningSample(image, caption)
+text (txt, or json text / chat)   -> TextSample(text)
+gen pre-tokenised without its image (codes.npy) -> TextSample(text=caption): energon has no
+     sample type for VQ codes; our loader reads them from the shard.
+"""
+import json
+
+IMAGE_PARTS = ("jpg", "jpeg", "png", "webp")
+
+
+def part_filter(part):
+    return part in IMAGE_PARTS or part in ("json", "txt")
+
+
+def _json(raw):
+    j = raw.get("json")
+    if isinstance(j, (bytes, bytearray)):
+        j = j.decode("utf-8")
+    if isinstance(j, str):
+        j = json.loads(j)
+    return j if isinstance(j, dict) else {}
+
+
+def _text(v):
+    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _image(raw):
+    for p in IMAGE_PARTS:
+        if p in raw:
+            return raw[p]
+    raise KeyError("no image part (" + ", ".join(IMAGE_PARTS) + ")")
+
+
+def _turns(conversations):
+    return [(str(t.get("role", "")), str(t.get("content", "")).replace("<image>", "").strip()) for t in conversations]
+
+
+def _chat_text(conversations):
+    return "\\n".join(role.capitalize() + ": " + text for role, text in _turns(conversations))
+
+
+def und(raw):
+    turns = _turns(_json(raw)["conversations"])
+    last = max(i for i, (role, _) in enumerate(turns) if role == "assistant")
+    before = turns[:last]
+    if len(before) == 1 and before[0][0] == "user":
+        context = before[0][1]
+    else:
+        context = "\\n".join(role.capitalize() + ": " + text for role, text in before)
+    return dict(image=_image(raw), context=context, answers=[turns[last][1]])
+
+
+def gen(raw):
+    return dict(image=_image(raw), caption=str(_json(raw)["caption"]))
+
+
+def gen_caption(raw):
+    return dict(text=str(_json(raw)["caption"]))
+
+
+def text(raw):
+    if "txt" in raw:
+        return dict(text=_text(raw["txt"]))
+    j = _json(raw)
+    return dict(text=str(j["text"]) if "text" in j else _chat_text(j["conversations"]))
+'''
+
+# sample kind -> (energon sample type, function of sample_loader.py)
+ENERGON_SAMPLE_TYPES = {
+    "und": ("VQASample", "und"),
+    "gen": ("CaptioningSample", "gen"),
+    "gen_caption": ("TextSample", "gen_caption"),
+    "text": ("TextSample", "text"),
+}
+CRUDE_CONFIG = "crude.yaml"  # the same dataset as energon's CrudeWebdataset (for cookers)
+
+
+def _energon_kind(root: Path, tars: list[str]) -> str | None:
+    """Which of ENERGON_SAMPLE_TYPES the dataset's first sample is (None: none of ours)."""
+    from janus_train.data.formats import IMAGE_PARTS
+
+    try:
+        raw = ShardReader().read(str(root / tars[0]), 0, 1)
+        parts = raw[0].parts if raw and raw[0].error is None else None
+    except Exception:  # noqa: BLE001 -- an empty or damaged first shard: no typed view
+        return None
+    if not parts:
+        return None
+    has_image = any(p in parts for p in IMAGE_PARTS)
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+    except ValueError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if has_image and "conversations" in meta:
+        return "und"
+    if "caption" in meta:
+        return "gen" if has_image else "gen_caption"
+    if not has_image and ("txt" in parts or "text" in meta or "conversations" in meta):
+        return "text"
+    return None
+
+
 def prepare_energon(root: str | Path, workers: int = 1, progress: bool = False) -> None:
     """Make `root` an energon dataset (what `energon prepare --split-ratio 1,0,0
-    --sample-type CrudeWebdataset --non-interactive` does), programmatically."""
+    --non-interactive` does), programmatically: `.info.json`, `split.yaml`, the `.tar.idx`
+    offsets, and a `dataset.yaml` that gives our samples as energon's standard sample types
+    (VQASample / CaptioningSample / TextSample, through `sample_loader.py`) so that `energon
+    info`, `energon lint` and `energon preview` work. `crude.yaml` is the same dataset as a
+    CrudeWebdataset (raw parts, for a task encoder with cookers). A dataset whose first sample
+    is none of ours gets the crude `dataset.yaml` only."""
     import yaml
     from megatron.energon.flavors.webdataset.prepare import WebdatasetPreparator
 
@@ -98,8 +219,25 @@ def prepare_energon(root: str | Path, workers: int = 1, progress: bool = False) 
         progress_fn=progress_fn,
         workers=max(1, workers),
     )
-    with open(root / META_DIR / "dataset.yaml", "w") as f:
-        yaml.safe_dump({"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}, f, sort_keys=False)
+    meta = root / META_DIR
+    crude = {"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}
+    with open(meta / CRUDE_CONFIG, "w") as f:
+        yaml.safe_dump(crude, f, sort_keys=False)
+    kind = _energon_kind(root, tars)
+    if kind is None:
+        (meta / "sample_loader.py").unlink(missing_ok=True)
+        with open(meta / "dataset.yaml", "w") as f:
+            yaml.safe_dump(crude, f, sort_keys=False)
+        return
+    sample_type, fn = ENERGON_SAMPLE_TYPES[kind]
+    (meta / "sample_loader.py").write_text(ENERGON_SAMPLE_LOADER)
+    config = {
+        "sample_type": {"__module__": "megatron.energon", "__class__": sample_type},
+        "sample_loader": f"sample_loader.py:{fn}",
+        "part_filter": "sample_loader.py:part_filter",
+    }
+    with open(meta / "dataset.yaml", "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
 
 
 def write_dataset(out: str | Path, task: str, samples: Iterable[dict[str, Any]], shard_size: int) -> Path:

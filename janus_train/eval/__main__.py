@@ -30,15 +30,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _resolve(ckpt: str) -> Path:
-    """The model directory of --ckpt (a run or one of its checkpoints: the newest whole weights)."""
-    from janus_train.checkpoint.export import resolve_checkpoint_dir
+    """The model directory of --ckpt (a run or one of its checkpoints: the newest weights, its
+    weight average when the run keeps one, a LoRA run's adapters read onto their base)."""
+    from janus_train.checkpoint.export import training_model_dir
     from janus_train.checkpoint.io import CheckpointError, detect_format
 
     path = Path(ckpt)
     if not path.exists():
         raise CheckpointError(f"--ckpt {ckpt} does not exist")
     if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
-        path = resolve_checkpoint_dir(path) / "model"
+        path = training_model_dir(path)
     detect_format(path)
     return path
 

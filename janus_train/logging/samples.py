@@ -54,6 +54,11 @@ class SampleGrids(Callback):
             self.sample(trainer, trainer.global_step)
 
     def sample(self, trainer, step: int) -> Path | None:
+        # The weights to sample with (the average when train.ema_decay > 0): every rank takes part.
+        with trainer.inference_weights():
+            return self._sample(trainer, step)
+
+    def _sample(self, trainer, step: int) -> Path | None:
         zero3 = trainer.zero_stage == 3
         if not zero3 and trainer.dist.rank != 0:
             return None

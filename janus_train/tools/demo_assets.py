@@ -161,8 +161,15 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
     its latents."""
     from janus_train.models.families import family_of_preset
 
-    if (root / COMPLETE).is_file() and (init / "config.json").is_file():
-        return
+    built = _read_complete(root)
+    wanted = {"preset": preset, "num_samples": num_samples, "held_out": held_out, "world": world.args()}
+    if built is not None and (init / "config.json").is_file():
+        # Data of an older build with other settings (e.g. before the JanusFlow demo's world had
+        # three colours) is rebuilt: the directory is the demo's own (MARKER).
+        if all(built.get(k) == v for k, v in wanted.items()):
+            return
+        print(f"the demo data at {root} was built with other settings ({built}); rebuilding it", flush=True)
+        (root / COMPLETE).unlink()
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("the janus-train demo's assets (janus_train/tools/demo_assets.py)\n")
     for sub in ("raw", "heldout_raw", "heldout", "und", "text", "gen_real", "gen_synthetic", "gen_real_images",
@@ -197,7 +204,17 @@ def build_demo_assets(root: Path, init: Path, preset: str, num_samples: int, see
         make_tiny_checkpoint(init, fmt="hf", seed=seed, init_std=INIT_STD, preset=preset, vq=root / "tokenizer")
     pretokenize_all(root, init, root / "tokenizer" if flow else None)
     (root / "eval.yaml").write_text(EVAL_YAML.format(root=root))
-    (root / COMPLETE).write_text(json.dumps({"preset": preset, "num_samples": num_samples, "held_out": held_out}) + "\n")
+    (root / COMPLETE).write_text(json.dumps(wanted) + "\n")
+
+
+def _read_complete(root: Path) -> dict | None:
+    f = root / COMPLETE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except ValueError:
+        return {}
 
 
 def _inside(path: Any, root: Path) -> bool:

@@ -15,6 +15,8 @@ What is counted (bytes per GPU), and the assumptions, are in docs/performance.md
   gradients      of trainable parameters; divided by dp from ZeRO-2; plus DeepSpeed's fp32
                  gradient of its optimizer partition
   optimizer      fp32 master weights (bf16 only) + AdamW exp_avg + exp_avg_sq, divided by dp
+                 (ZeRO >= 1); with train.ema_decay > 0 also the weight average's fp32 copy of the
+                 trainable weights, always divided by dp (training/ema.py)
                  from ZeRO-1
   activations    tensors saved for backward by *our* implementation (counted tensor by tensor,
                  see `layer_activation_bytes`; JanusFlow's generation path per gen image,
@@ -24,6 +26,13 @@ What is counted (bytes per GPU), and the assumptions, are in docs/performance.md
                  decoder and REPA activations backward has released before the head's turn)
   buffers        DeepSpeed's reduce / all-gather buckets, ZeRO-3 gathered parameters
   overhead       CUDA context, NCCL and allocator slack (--overhead-gib)
+With finetune.mode=lora (peft's adapters, counted by injecting them into a meta model): the frozen
+base is held once, in the run dtype, with no gradients or optimizer states; the adapters and
+finetune.lora.modules_to_save are the trainable parameters (working copy + gradients + fp32
+masters and AdamW moments). Activations are those of training the components the adapters sit
+in (their layers' inputs are kept for the adapters), plus per adapted linear its rank-wide
+intermediate and, with lora dropout, the dropped-out input and its mask. DeepSpeed's buckets
+never hold more than the trainable parameters.
 Peak = parameters + optimizer + buffers + overhead + max(activations + transient at the start of
 backward, gradients + optimizer-step temporaries at the update).
 """
@@ -37,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janusflow.config import JanusFlowConfig
+from janus_train.models.lora import LoraSettings
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -76,6 +86,10 @@ class PlanSettings:
     head_chunk_tokens: int | None = None  # chunked, recomputed head CE (parallel/chunked_loss.py)
     sdpa_by_document: bool = False  # CPU sdpa ran one call per document (models/attention.py)
     overhead_gib: float = 1.5
+    # finetune.mode=lora: peft adapters (models/lora.py LoraSettings); `trainable` then lists the
+    # components whose activations backward needs (those holding adapters, and modules_to_save).
+    lora: LoraSettings | None = None
+    ema: bool = False  # train.ema_decay > 0: an fp32 average of the trainable weights, split over dp
 
     def validate(self) -> "PlanSettings":
         if self.zero_stage not in (0, 1, 2, 3):
@@ -112,9 +126,11 @@ class MemoryPlan:
 # ---------------------------------------------------------------------------------------
 
 
-def param_counts(cfg: JanusConfig | JanusFlowConfig, trainable: list[str], tp: int) -> dict[str, float]:
+def param_counts(cfg: JanusConfig | JanusFlowConfig, trainable: list[str], tp: int, lora: LoraSettings | None = None) -> dict[str, float]:
     """Parameters held per GPU before ZeRO: trainable / frozen (by the model family's
-    components), TP-split ones divided by tp."""
+    components), TP-split ones divided by tp. With `lora`: peft's adapters are injected (on the
+    meta device) and train with the modules to save; everything else is frozen
+    (`adapter` counts the adapters alone)."""
     import torch
 
     from janus_train.models.families import family_of_config
@@ -123,7 +139,11 @@ def param_counts(cfg: JanusConfig | JanusFlowConfig, trainable: list[str], tp: i
     family = family_of_config(cfg)
     with torch.device("meta"):
         model = family.build(cfg)
-    out = {"trainable": 0.0, "frozen": 0.0, "largest_trainable": 0.0, "largest_block": 0.0}
+        if lora is not None:
+            from janus_train.models.lora import apply_lora
+
+            apply_lora(model, lora)
+    out = {"trainable": 0.0, "frozen": 0.0, "largest_trainable": 0.0, "largest_block": 0.0, "adapter": 0.0}
     seen: set[int] = set()
     for comp in family.components:
         part = getattr(model, comp)  # a module, or a bare parameter (JanusFlow's und_begin)
@@ -133,7 +153,12 @@ def param_counts(cfg: JanusConfig | JanusFlowConfig, trainable: list[str], tp: i
                 continue
             seen.add(id(p))
             n = p.numel() / (tp if tp_split_dim(name) is not None else 1)
-            key = "trainable" if comp in trainable else "frozen"
+            if lora is None:
+                key = "trainable" if comp in trainable else "frozen"
+            else:
+                adapter = ".lora_" in name
+                out["adapter"] += n if adapter else 0.0
+                key = "trainable" if adapter or comp in lora.modules_to_save else "frozen"
             out[key] += n
             if key == "trainable":
                 out["largest_trainable"] = max(out["largest_trainable"], n)
@@ -178,7 +203,31 @@ def layer_activation_bytes(cfg: JanusConfig | JanusFlowConfig, s: PlanSettings, 
     else:  # eager
         core = b * 4 * q_w / tp + (4 + (b if b == 2 else 0)) * (llm.num_heads / tp) * s.seq_len
     mlp = b * (4 if weights_train else 3) * i / tp
-    return {"attn_norm": norm, "attn_in": normed, "attention": core, "mlp_norm": norm, "mlp_in": normed, "mlp": mlp}
+    out = {"attn_norm": norm, "attn_in": normed, "attention": core, "mlp_norm": norm, "mlp_in": normed, "mlp": mlp}
+    if s.lora is not None:
+        out["lora"] = lora_layer_bytes(cfg, s)
+    return out
+
+
+def lora_layer_bytes(cfg: JanusConfig | JanusFlowConfig, s: PlanSettings) -> float:
+    """Bytes per token the adapters of one LLM block save beyond a block whose weights train
+    (whose linears' inputs are counted already): each adapted linear's rank-wide intermediate
+    (lora_B's input) and, with lora dropout, the dropped-out input (lora_A's) and its mask."""
+    import re
+
+    from janus_train.models.lora import target_regex
+
+    llm = cfg.llm
+    h, i = llm.hidden_size, llm.intermediate_size
+    widths = {"attn.q_proj": h, "attn.k_proj": h, "attn.v_proj": h, "attn.o_proj": llm.num_heads * llm.head_dim,
+              "mlp.gate_proj": h, "mlp.up_proj": h, "mlp.down_proj": i}
+    rx = re.compile(target_regex(s.lora.target_modules))
+    b = DTYPE_BYTES[s.dtype]
+    total = 0.0
+    for name, width in widths.items():
+        if rx.fullmatch(f"llm.layers.0.{name}"):
+            total += b * s.lora.rank + ((b + 1) * width if s.lora.dropout > 0 else 0.0)
+    return total
 
 
 def activation_bytes(cfg: JanusConfig | JanusFlowConfig, s: PlanSettings) -> tuple[dict[str, float], float]:
@@ -367,10 +416,12 @@ def plan_memory(s: PlanSettings, device_mem_gib: float | None = None) -> MemoryP
     s.validate()
     cfg = s.model
     b = DTYPE_BYTES[s.dtype]
-    counts = param_counts(cfg, s.trainable, s.tp)
+    counts = param_counts(cfg, s.trainable, s.tp, s.lora)
     n_t, n_f = counts["trainable"], counts["frozen"]
     dp, z = s.dp, s.zero_stage
     detail: dict[str, float] = {"trainable_params_per_gpu_before_zero": n_t, "frozen_params_per_gpu_before_zero": n_f}
+    if s.lora is not None:
+        detail["adapter_params"] = counts["adapter"]
 
     params = b * (n_t + n_f) / (dp if z == 3 else 1)
     if s.engine == "torch":
@@ -383,18 +434,24 @@ def plan_memory(s: PlanSettings, device_mem_gib: float | None = None) -> MemoryP
         grads = work_grads + fp32_grad_part
         optimizer = 12.0 * n_t / (dp if z >= 1 else 1)  # fp32 master + exp_avg + exp_avg_sq
         step_tmp = 0.0
+    if s.ema:
+        detail["weight_average"] = 4.0 * n_t / dp
+        optimizer += detail["weight_average"]
         detail["grads_working_dtype"] = work_grads
         detail["grads_fp32_partition"] = fp32_grad_part
 
     buffers = 0.0
+    # A LoRA run's buckets fill with its few trainable parameters only.
+    reduce_bucket = min(DS_REDUCE_BUCKET, n_t) if s.lora is not None else DS_REDUCE_BUCKET
+    allgather_bucket = min(DS_ALLGATHER_BUCKET, n_t) if s.lora is not None else DS_ALLGATHER_BUCKET
     if s.engine == "deepspeed":
         if z in (1, 2):
-            buffers += b * DS_ALLGATHER_BUCKET + (b * DS_REDUCE_BUCKET if z == 2 else 0.0)
+            buffers += b * allgather_bucket + (b * reduce_bucket if z == 2 else 0.0)
         elif z == 3:
             # The block being computed and the prefetched next one, whole (TP shard), and the
             # reduce-scatter bucket; DeepSpeed caps live gathered parameters.
             gathered = min(2 * counts["largest_block"] + DS_PREFETCH_BUCKET, DS_MAX_LIVE_PARAMETERS)
-            buffers += b * gathered + b * DS_REDUCE_BUCKET
+            buffers += b * gathered + b * reduce_bucket
     overhead = s.overhead_gib * GIB
 
     parts, transient = activation_bytes(cfg, s)
@@ -426,6 +483,15 @@ def _settings_summary(s: PlanSettings) -> dict:
     return d
 
 
+def lora_activation_components(family, lora: "LoraSettings", model) -> list[str]:
+    """The components a LoRA run's backward reaches as if they trained: those holding adapters
+    (their inputs are kept for the adapters) and the modules to save."""
+    from janus_train.models.lora import matched_modules
+
+    tops = {name.split(".")[0] for t in lora.target_modules for name in matched_modules(model, t)}
+    return [c for c in family.components if c in tops or c in lora.modules_to_save]
+
+
 # ---------------------------------------------------------------------------------------
 # From the training config
 # ---------------------------------------------------------------------------------------
@@ -445,6 +511,14 @@ def settings_from_config(run, stage_index: int | None = None) -> list[tuple[str,
         check_tp_divisibility(model, p.tp)
     dtype = "bf16" if p.dtype == "auto" else p.dtype
     stages = run.enabled_stages()
+    lora = run.finetune.lora.settings() if run.finetune.is_lora else None
+    lora_trainable = None
+    if lora is not None:
+        import torch
+
+        family = run.model.family
+        with torch.device("meta"):
+            lora_trainable = lora_activation_components(family, lora, family.build(model))
     wanted = stage_index if stage_index is not None else run.stage
     if wanted is not None:
         stages = [st for st in stages if st.index == wanted]
@@ -455,7 +529,7 @@ def settings_from_config(run, stage_index: int | None = None) -> list[tuple[str,
             st.name,
             PlanSettings(
                 model=model,
-                trainable=list(st.trainable),
+                trainable=list(st.trainable) if lora is None else list(lora_trainable),
                 zero_stage=p.zero_stage,
                 dp=world // p.tp,
                 tp=p.tp,
@@ -466,6 +540,8 @@ def settings_from_config(run, stage_index: int | None = None) -> list[tuple[str,
                 recompute_every=m.recompute_every,
                 attention=m.attention,
                 head_chunk_tokens=m.head_chunk_tokens,
+                lora=lora,
+                ema=run.train.ema_decay > 0,
             ),
         )
         for st in stages
@@ -480,12 +556,19 @@ def settings_from_config(run, stage_index: int | None = None) -> list[tuple[str,
 def format_plan(name: str, plan: MemoryPlan) -> str:
     s = plan.settings
     lines = [
-        f"{name}: {s['model']}  trainable={','.join(s['trainable'])}",
+        f"{name}: {s['model']}  " + ("LoRA adapters in" if s.get("lora") else "trainable") + f"={','.join(s['trainable'])}",
         f"  ZeRO-{s['zero_stage']}  dp={s['dp']}  tp={s['tp']}  micro_batch_rows={s['micro_batch_rows']}  seq_len={s['seq_len']}  "
         f"dtype={s['dtype']}  attention={s['attention']}  recompute={s['recompute']}"
         + (f" (every {s['recompute_every']})" if s["recompute"] == "selective" else "")
         + (f"  head_chunk_tokens={s['head_chunk_tokens']}" if s["head_chunk_tokens"] else ""),
     ]
+    if s.get("lora"):
+        lo = s["lora"]
+        lines.append(f"  LoRA: rank={lo['rank']} alpha={lo['alpha']:g} dropout={lo['dropout']:g} targets={','.join(lo['target_modules'])}"
+                     + (f" modules_to_save={','.join(lo['modules_to_save'])}" if lo["modules_to_save"] else "")
+                     + f"  adapter parameters={plan.detail['adapter_params']:,.0f}"
+                     + f"  trainable={plan.detail['trainable_params_per_gpu_before_zero']:,.0f}"
+                     + f"  frozen base={plan.detail['frozen_params_per_gpu_before_zero']:,.0f} ({s['dtype']}, no grads/optimizer states)")
     if "gen_images_per_micro_batch" in plan.detail:
         lines.append(f"  gen images per micro-batch={plan.detail['gen_images_per_micro_batch']:g}"
                      + ("" if s["gen_images"] is not None else " (worst case: rows full of gen documents)"))
@@ -504,7 +587,14 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
     if plan.fits is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"  => {verdict} in {plan.device_mem / GIB:g} GiB (headroom {(plan.device_mem - plan.peak) / GIB:.2f} GiB)")
+    smallest = next((g for g in COMMON_GPU_GIB if plan.peak <= g * GIB), None)
+    lines.append(f"  smallest common GPU it fits: {f'{smallest:g} GiB' if smallest else 'none'} (of {', '.join(f'{g:g}' for g in COMMON_GPU_GIB)} GiB)")
     return "\n".join(lines)
+
+
+# Device memories of common training GPUs (RTX 4080 16, RTX 4090/A10 24, A100 40, L40S/A6000 48,
+# A100/H100 80, H200 141), for the "smallest common GPU" line.
+COMMON_GPU_GIB = (16, 24, 40, 48, 80, 141)
 
 
 def main(argv: list[str] | None = None) -> int:

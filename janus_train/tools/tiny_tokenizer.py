@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from janus_train.checkpoint import processor as processor_files
 from janus_train.contracts import conversation as conv
 
 from janus_train.eval.shapes import COLORS, POSITIONS, SHAPES  # noqa: E402 - the shapes world's vocabulary
@@ -24,23 +25,8 @@ WORDS = (
     "you can see I there's here scene simple plain solid bright dark light pale deep"
 ).split()
 
-# Our own rendering of the DeepSeek conversation format (see janus_train/data/conversation.py);
-# `content` may be a string or a list of {"type": "text"|"image"} parts.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}\n\n"
-    "{% elif m['role'] == 'user' %}<|User|>: "
-    "{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image_placeholder>{% if not loop.last %}\n{% endif %}"
-    "{% else %}{{ p['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}\n\n"
-    "{% else %}<|Assistant|>: "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{{ m['content'][0]['text'] }}{% endif %}"
-    "<｜end▁of▁sentence｜>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
-)
+# The DeepSeek conversation format as training renders it (checkpoint/processor.py).
+CHAT_TEMPLATE = processor_files.CHAT_TEMPLATE
 
 
 def corpus() -> list[str]:
@@ -108,6 +94,11 @@ def save_tokenizer_and_processor(out_dir: str | Path, image_size: int, num_image
     image_processor = JanusImageProcessor(
         size={"height": image_size, "width": image_size}, min_size=14, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
-    processor = JanusProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE, num_image_tokens=num_image_tokens)
+    # Training and `python -m janus_train.chat` put DeepSeek's default system prompt first;
+    # with use_default_system_prompt, JanusProcessor does too (for text generation).
+    processor = JanusProcessor(
+        image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+        use_default_system_prompt=True, num_image_tokens=num_image_tokens,
+    )
     processor.save_pretrained(str(out_dir))
     return tok

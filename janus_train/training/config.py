@@ -110,6 +110,7 @@ class TrainConfig(_Section):
     max_bad_steps: PositiveInt
     optimizer: OptimizerConfig
     grad_clip: NonNegativeFloat
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]  # 0: no average of the weights (training/ema.py)
     loss_weights: LossWeights
     stages: StagesConfig
 
@@ -208,6 +209,28 @@ class DemoAssetsConfig(_Section):
     colors: list[str]
 
 
+class LoraSection(_Section):
+    rank: PositiveInt
+    alpha: PositiveFloat
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    modules_to_save: list[NonEmptyStr]
+
+    def settings(self):
+        from janus_train.models.lora import LoraSettings
+
+        return LoraSettings(self.rank, self.alpha, self.dropout, tuple(self.target_modules), tuple(self.modules_to_save))
+
+
+class FinetuneConfig(_Section):
+    mode: Literal["full", "lora"]
+    lora: LoraSection
+
+    @property
+    def is_lora(self) -> bool:
+        return self.mode == "lora"
+
+
 class RunConfig(_Section):
     run_dir: NonEmptyStr
     resume: NonEmptyStr
@@ -221,6 +244,7 @@ class RunConfig(_Section):
     parallel: ParallelConfig
     eval: EvalSection
     demo_assets: DemoAssetsConfig
+    finetune: FinetuneConfig
 
     def enabled_stages(self) -> list["StageSettings"]:
         out = []
@@ -360,6 +384,32 @@ def validate_config(cfg: DictConfig, dp_size: int | None = None, check_paths: bo
     return run
 
 
+def _check_lora(run: RunConfig, model_cfg, complete: bool) -> None:
+    """finetune.mode=lora: tensor parallelism off, a base to adapt (not checked for planning
+    tools: `complete=False`), targets that exist."""
+    import torch
+
+    from janus_train.models.lora import LoraSettingsError, check_targets
+
+    if run.parallel.tp > 1:
+        raise ConfigError("parallel.tp", f"{run.parallel.tp} with finetune.mode=lora: LoRA runs with parallel.tp=1 only (peft's "
+                          "adapters wrap torch layers, not megatron-core's tensor-parallel ones); spread the frozen base "
+                          "with parallel.zero_stage=3 instead")
+    if run.train.ema_decay:
+        raise ConfigError("train.ema_decay", f"{run.train.ema_decay} with finetune.mode=lora: the weight average is kept for full "
+                          "training only (a LoRA checkpoint holds adapters, not whole weights to average); set it to 0")
+    if run.model.init_from is None and not run.demo_assets.build and complete:
+        raise ConfigError("model.init_from", "finetune.mode=lora adapts trained weights: set model.init_from to the base "
+                          "checkpoint directory")
+    family = run.model.family
+    with torch.device("meta"):
+        skeleton = family.build(model_cfg)
+    try:
+        check_targets(skeleton, run.finetune.lora.settings(), family.components, family.always_frozen)
+    except LoraSettingsError as e:
+        raise ConfigError(f"finetune.lora.{e.key}", e.message) from None
+
+
 def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, complete: bool) -> None:
     """The checks that involve several keys or the file system."""
     stages = run.enabled_stages()
@@ -382,6 +432,8 @@ def _check_consistency(run: RunConfig, dp_size: int | None, check_paths: bool, c
             family.check_trainable(s.trainable)
         except ValueError as e:
             raise ConfigError(f"train.stages.{s.name}.trainable", f"{e} (model.preset={run.model.preset} is a {family.name} model)") from None
+    if run.finetune.is_lora:
+        _check_lora(run, model_cfg, complete)
     image = ImageConfig.from_model(model_cfg)
     vae = run.model.vae
     if family.gen_kind == "flow":

@@ -9,10 +9,16 @@ export), and when SIGTERM/SIGUSR1 arrives. `resume=auto` continues from the newe
 checkpoint, bit for bit when the topology is unchanged. A stage is finished when its checkpoint
 reached the stage's *configured* length: raising `train.stages.stageN.steps` of the newest
 checkpoint's stage continues it to the new length (and re-exports it at the new end).
+
+With `finetune.mode=lora` every stage injects peft's LoRA adapters into the base weights
+(`model.init_from`), trains only them and `finetune.lora.modules_to_save` (the stages'
+`trainable` lists are ignored), checkpoints the adapters (checkpoint/manager.py) and exports
+merged whole weights; a later stage continues the same adapters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,14 +35,16 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from janus_train.checkpoint.manager import CheckpointManager, CheckpointMeta, complete_checkpoints, find_resume_checkpoint, restore_rng
+from janus_train.checkpoint.manager import (EMA_DIR, CheckpointManager, CheckpointMeta, LoraSave, complete_checkpoints, find_resume_checkpoint,
+                                            restore_rng)
 from janus_train.logging.metrics import MetricsFile, StepRecord
 from janus_train.logging.mfu import component_sizes, device_peak_flops, step_flops
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janusflow.config import JanusFlowConfig
+from janus_train.checkpoint.adapters import is_lora_checkpoint, read_base, read_lora_checkpoint
 from janus_train.checkpoint.consolidate import set_master_weights
 from janus_train.checkpoint.export import export_checkpoint
-from janus_train.checkpoint.io import load_state_into, load_tokenizer, read_checkpoint, read_config
+from janus_train.checkpoint.io import detect_format, load_state_into, load_tokenizer, read_checkpoint, read_config
 from janus_train.contracts.faults import fault
 from janus_train.parallel import deepspeed_engine as dse
 from janus_train.parallel.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed, set_cpu_threads
@@ -81,6 +89,7 @@ class Trainer:
         self.family = cfg.model.family
         self.last_checkpoint: Path | None = None
         self.evaluation = None  # training.evaluation.TrainingEvaluation when eval.data is set
+        self.ema = None  # training.ema.WeightEMA of the stage when train.ema_decay > 0
         self.global_step = 0
         self.stage_step = 0
         self.bad_in_row = 0
@@ -91,12 +100,19 @@ class Trainer:
         self.peak = device_peak_flops(dist_info.device, cfg.logging.peak_flops)
         self.tokenizer_dir = self._tokenizer_dir()
         self.tokenizer = None
+        self.lora = cfg.finetune.lora.settings() if cfg.finetune.is_lora else None
+        self.lora_base: tuple[str, str] | None = None  # (path, format) of the weights the adapters sit on
 
     # ---- setup -----------------------------------------------------------------------------
     def _model_config(self) -> JanusConfig | JanusFlowConfig:
         m = self.cfg.model
         cfg = m.model_config_for()
         init = self._init_dir()
+        if init is not None and is_lora_checkpoint(init):
+            if self.cfg.finetune.is_lora:
+                raise ConfigError("model.init_from", f"{m.init_from} is a LoRA run's checkpoint (adapters + base.json): "
+                                  "merge it into whole weights first (convert) and adapt those, or resume that run")
+            init = read_base(init)[0]  # full fine-tuning from its merged weights (_build_model)
         if init is not None:
             stored = read_config(init)
             if type(stored) is not type(cfg):
@@ -138,12 +154,28 @@ class Trainer:
         return init
 
     def _build_model(self, weights_dir: Path | None):
+        """(model, its whole fp32 weights as read, the LoRA adapter state to continue or None).
+        A LoRA checkpoint's model/ is its base + adapters: LoRA runs get both apart, full
+        fine-tuning gets them merged."""
         with torch.device("meta"):
             model = self.family.build(self.model_config)
         model = model.to_empty(device=self.dist.device).to(self.dtype)
-        sd = None
-        if weights_dir is not None:
-            _, sd = read_checkpoint(weights_dir)
+        sd = adapter_sd = None
+        if weights_dir is not None and is_lora_checkpoint(weights_dir):
+            if self.lora is not None:
+                from janus_train.models.lora import read_adapter
+
+                base, fmt = read_base(weights_dir)
+                _, adapter_sd = read_adapter(weights_dir)
+                _, sd = read_checkpoint(base, fmt)
+                self.lora_base = (str(base), fmt or "auto")
+            else:
+                _, sd = read_lora_checkpoint(weights_dir, dtype=torch.float32)
+        elif weights_dir is not None:
+            fmt = detect_format(weights_dir)
+            _, sd = read_checkpoint(weights_dir, fmt)
+            self.lora_base = (str(Path(weights_dir).resolve()), fmt)  # what a LoRA run's base.json names
+        if sd is not None:
             if self.family.gen_kind == "flow":
                 # A release has no REPA projector: it starts fresh (seeded), then the weights
                 # the checkpoint has overwrite everything else.
@@ -154,7 +186,7 @@ class Trainer:
         model.train()
         if self.family.gen_kind == "vq":
             model.vq.eval()  # frozen; keep it in inference mode
-        return model, sd
+        return model, sd, adapter_sd
 
     def _data_config(self, stage: StageSettings):
         from janus_train.data.config import DataConfig
@@ -294,6 +326,10 @@ class Trainer:
                     f"{self.dp_size}: each rank's data-loader state belongs to its own slice of the data. Resume with "
                     f"world size / parallel.tp = {meta.dp_size}, or start a new run_dir with model.init_from={path}",
                 )
+            if is_lora_checkpoint(path / "model") != (self.lora is not None):
+                kind = "a LoRA run's (adapters + base.json)" if is_lora_checkpoint(path / "model") else "a full fine-tuning run's"
+                raise ConfigError("finetune.mode", f"{self.cfg.finetune.mode}, but the checkpoint to resume ({path}) is {kind}: "
+                                  f"resume with the finetune.mode it was written with, or start a new run_dir with model.init_from")
             self._check_finished_stages(meta, path)
             self.global_step = meta.step
             self.skipped_steps = meta.skipped_steps
@@ -344,7 +380,7 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        model, full_sd = self._build_model(weights_dir)
+        model, full_sd, adapter_sd = self._build_model(weights_dir)
         if self.tp > 1:
             from janus_train.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -353,7 +389,15 @@ class Trainer:
             from janus_train.parallel.chunked_loss import apply_chunked_head_loss
 
             apply_chunked_head_loss(model, cfg.model.head_chunk_tokens)
-        apply_freeze(model, stage.trainable)
+        if self.lora is not None:
+            from janus_train.models.lora import apply_lora, exact_trainable, load_adapter_state
+
+            apply_lora(model, self.lora)  # draws lora_A from the stage's seeded RNG, freezes the base
+            if adapter_sd is not None:  # the previous stage's (or the resumed step's) adapters
+                load_adapter_state(model, adapter_sd)
+            full_sd = exact_trainable(model, full_sd, adapter_sd)
+        else:
+            apply_freeze(model, stage.trainable)
         opt, sched = build_optimizer(model, stage.lr, cfg.train.optimizer.betas, cfg.train.optimizer.eps, cfg.train.optimizer.weight_decay, stage.warmup_steps,
                                     stage.steps, stage.decay, stage.min_lr_ratio)
         gas = stage.global_batch // (self.dp_size * cfg.train.micro_batch_rows)
@@ -386,6 +430,7 @@ class Trainer:
                 self._sync_lr()
             loader_state = self.ckpt.loader_state(path, self.dp_rank)
         self.loader = self._build_loader(stage, loader_state, ckpt_state[1] if ckpt_state is not None else None)
+        self.ema = self._build_ema(ckpt_state[1] if ckpt_state is not None else weights_dir.parent if weights_dir is not None else None)
         self._call("on_stage_start", stage)
         try:
             state = self._loop(stage)
@@ -398,7 +443,30 @@ class Trainer:
             self._call("on_stage_end", stage)
         self.engine.destroy()  # drops ZeRO-3 hooks before the next stage builds a new engine
         self.engine = None
+        self.ema = None
         return state
+
+    def _build_ema(self, ckpt: Path | None):
+        """The stage's weight average: continued from the checkpoint's (or the previous stage's)
+        model_ema/ when it has one, else started from the weights the stage starts from."""
+        decay = self.cfg.train.ema_decay
+        if not decay:
+            return None
+        from janus_train.training.ema import WeightEMA
+
+        ema = WeightEMA(self.engine.module, decay, self.zero_stage, self.dp_group)
+        src = ckpt / EMA_DIR if ckpt is not None else None
+        if src is not None and (src / "config.json").is_file():
+            _, sd = read_checkpoint(src, "native")
+            ema.load_whole(sd)
+            if self.dist.is_main:
+                log.info("weight average (decay %g) continues from %s", decay, src)
+        return ema
+
+    def inference_weights(self):
+        """Context in which the module holds the weights to sample and evaluate with: the
+        average when train.ema_decay > 0 (collective: every rank enters it), else as trained."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def _advance_schedule(self, steps: int) -> None:
         sched = self.engine.lr_scheduler
@@ -435,6 +503,8 @@ class Trainer:
             self.global_step += 1
             if res.applied:
                 self.bad_in_row = 0
+                if self.ema is not None:
+                    self.ema.update()
             else:
                 self.bad_in_row += 1
                 self.skipped_steps += 1
@@ -444,7 +514,8 @@ class Trainer:
             stop_requested, skipped_samples = bool(flags[0] > 0), int(flags[1])
             record = self._record(stage, res, lr, dt, skipped_samples)
             if self.evaluation is not None and self.evaluation.due(self.global_step, self.stage_step, stage):
-                record.eval, record.eval_time_s = self.evaluation.run(self, self.global_step)
+                with self.inference_weights():
+                    record.eval, record.eval_time_s = self.evaluation.run(self, self.global_step)
             if self.global_step % cfg.logging.every_steps == 0 or self.stage_step == stage.steps or record.eval is not None:
                 self._call("on_step_end", stage, record)
                 self.write_status("running")
@@ -462,8 +533,22 @@ class Trainer:
                 self._save(stage)
         return "completed"
 
+    def trainable_components(self, stage: StageSettings) -> list[str]:
+        """The components that get weight gradients: the stage's, or (LoRA) those holding
+        adapters and the modules to save."""
+        if self.lora is None:
+            return stage.trainable
+        if getattr(self, "_lora_components", None) is None:
+            from janus_train.models.lora import matched_modules
+
+            with torch.device("meta"):
+                skeleton = self.family.build(self.model_config)
+            tops = {n.split(".")[0] for t in self.lora.target_modules for n in matched_modules(skeleton, t)}
+            self._lora_components = [c for c in self.family.components if c in tops or c in self.lora.modules_to_save]
+        return self._lora_components
+
     def _record(self, stage: StageSettings, res, lr: float, dt: float, skipped_samples: int) -> StepRecord:
-        flops = step_flops(self.model_config, self.sizes, stage.trainable, res.counts)
+        flops = step_flops(self.model_config, self.sizes, self.trainable_components(stage), res.counts)
         flops_per_s = flops / dt if dt > 0 else None
         mfu = flops_per_s / (self.dist.world_size * self.peak) if (self.peak and flops_per_s) else None
         if self.dist.device.type == "cuda":
@@ -512,15 +597,25 @@ class Trainer:
             skipped_steps=self.skipped_steps,
         )
         loader_state = self.loader.state_dict() if self.loader is not None else None
-        path = self.ckpt.save(self.engine, meta, loader_state, self.model_config, self.tokenizer_dir, protect=protect)
+        ema_sd = self.ema.full_state_dict() if self.ema is not None else None  # collective; rank 0 holds it
+        path = self.ckpt.save(self.engine, meta, loader_state, self.model_config, self.tokenizer_dir, protect=protect, lora=self._lora_save(),
+                              ema_sd=ema_sd)
         self.last_checkpoint = path
         return path
+
+    def _lora_save(self) -> LoraSave | None:
+        if self.lora is None:
+            return None
+        path, fmt = self.lora_base
+        return LoraSave(self.lora, path, fmt, type(self.engine.module))
 
     def _export_hf(self, stage: StageSettings) -> None:
         if self.dist.is_main:
             # transformers has no JanusFlow: its export is DeepSeek's release layout.
             fmt = "deepseek" if self.family.gen_kind == "flow" else "hf"
-            out = export_checkpoint(self.last_checkpoint, self.run_dir / "exports" / f"stage{stage.index}", fmt)
+            out = self.run_dir / "exports" / f"stage{stage.index}"
+            # A LoRA run's: merged whole weights (peft's merge of base + adapters), usable without peft.
+            out = export_checkpoint(self.last_checkpoint, out, fmt)
             log.info("stage %d exported in %s format to %s", stage.index, fmt, out)
         barrier()
 

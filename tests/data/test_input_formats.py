@@ -215,6 +215,15 @@ def test_folder_of_captioned_images(tmp_path, jpeg):
         _build("text", src, tmp_path / "text")
 
 
+def test_folder_given_as_a_relative_path(tmp_path, jpeg, monkeypatch):
+    """`--input my_data/captions` from the parent directory: the images are found (they were
+    read against the folder a second time)."""
+    write_folder(tmp_path / "my_data" / "captions", jpeg)
+    monkeypatch.chdir(tmp_path)
+    s = _build("gen", Path("my_data/captions"), Path("gen"))
+    assert s["written"] == 2 and s["skipped"] == {"missing_file": 1, "empty_caption": 1}
+
+
 def test_parquet_and_hf_datasets(tmp_path, jpeg):
     import datasets
     import pyarrow as pa

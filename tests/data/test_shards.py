@@ -39,6 +39,7 @@ def _energon_samples(path):
         worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
         task_encoder=Encoder(),
         repeat=False,
+        dataset_config="crude.yaml",  # the raw parts; dataset.yaml gives energon sample types (test_energon_tools.py)
     )
     return [b[0] for b in get_loader(ds)]
 
@@ -47,7 +48,7 @@ def _energon_samples(path):
 @pytest.mark.parametrize("which", ["und", "text", "real"])
 def test_datasets_are_energon_datasets(shapes_data, which):
     path = shapes_data[which]
-    assert (path / ".nv-meta" / "dataset.yaml").read_text().count("CrudeWebdataset") == 1
+    assert (path / ".nv-meta" / "crude.yaml").read_text().count("CrudeWebdataset") == 1
     samples = _energon_samples(path)
     shards = dataset_shards(path)
     assert len(samples) == sum(s.count for s in shards)

@@ -58,6 +58,18 @@ def test_janusflow_1_3b_recipe_plans_every_stage(capsys):
     assert s1["peak"] < s2["peak"] < s3["peak"]
 
 
+def test_weight_average_counted_once_split_over_dp(capsys):
+    """janusflow_1_3b keeps the paper's EMA: an fp32 copy of the trainable weights over dp."""
+    base = ["+recipe=janusflow_1_3b", "stage=2", "parallel.gpus_per_node=8"]
+    memory_plan.main([*base, "train.ema_decay=0", "--json"])
+    off = json.loads(capsys.readouterr().out)
+    memory_plan.main([*base, "--json"])
+    on = json.loads(capsys.readouterr().out)
+    n_t = on["detail"]["trainable_params_per_gpu_before_zero"]
+    assert on["detail"]["weight_average"] == pytest.approx(4.0 * n_t / 8) and "weight_average" not in off["detail"]
+    assert on["optimizer"] - off["optimizer"] == pytest.approx(4.0 * n_t / 8)
+
+
 def test_janusflow_grads_reach_the_llm_by_the_familys_rule():
     from janus_train.models.janusflow.config import JanusFlowConfig
 
@@ -108,3 +120,78 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(args):
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["measured_bytes"] > 50 * 2**20, "too small to say anything"
     assert abs(r["ratio_estimate_over_measured"] - 1) <= 0.15, r
+
+
+# ---- LoRA (issue 14): frozen base once in the run dtype, adapters train --------------------------
+
+GIB = 2**30
+LORA_7B = ["+recipe=janus_pro_7b_lora", "model.init_from=/base"]  # the path is not read (check_paths=False)
+
+
+def _settings(overrides: list[str]):
+    from janus_train.training.config import load_config, validate_config
+
+    run = validate_config(load_config(overrides), check_paths=False, complete=False)
+    [(_, settings)] = memory_plan.settings_from_config(run)
+    return run, settings
+
+
+def test_lora_plan_holds_the_base_once_and_trains_only_the_adapters():
+    _, lora = _settings(LORA_7B)
+    _, full = _settings([*LORA_7B, "finetune.mode=full"])
+    pl, pf = memory_plan.plan_memory(lora), memory_plan.plan_memory(full)
+    d = pl.detail
+    # rank 16 on q/k/v/o (4096 -> 4096) and gate/up (4096 -> 11008), down (11008 -> 4096), 30 layers.
+    per_layer = 4 * 16 * (4096 + 4096) + 3 * 16 * (4096 + 11008)
+    assert d["adapter_params"] == d["trainable_params_per_gpu_before_zero"] == 30 * per_layer
+    n_base = pf.detail["trainable_params_per_gpu_before_zero"] + pf.detail["frozen_params_per_gpu_before_zero"]
+    assert d["frozen_params_per_gpu_before_zero"] == n_base
+    n_t = d["adapter_params"]
+    assert pl.params == 2 * (n_base + n_t)  # bf16, the base once
+    assert pl.grads == 6 * n_t and pl.optimizer == 12 * n_t  # bf16 grads + DeepSpeed's fp32 ones; fp32 masters + 2 moments
+    assert pl.buffers == 0 and lora.zero_stage == 0
+    # The full fine-tune of the same setup does not fit one GPU; LoRA does.
+    assert pf.peak > 80 * GIB > 24 * GIB > pl.peak
+    # modules_to_save train in full: gen_head's parameters join the trainable ones.
+    _, saved = _settings([*LORA_7B, "finetune.lora.modules_to_save=[gen_head]"])
+    ps = memory_plan.plan_memory(saved).detail
+    assert ps["trainable_params_per_gpu_before_zero"] > ps["adapter_params"] == n_t
+    assert ps["trainable_params_per_gpu_before_zero"] + ps["frozen_params_per_gpu_before_zero"] == n_base + n_t
+    # Lora dropout keeps each adapted linear's dropped-out input (and mask): activations, when
+    # the blocks are not recomputed.
+    _, drop = _settings([*LORA_7B, "model.recompute=none"])
+    _, nodrop = _settings([*LORA_7B, "model.recompute=none", "finetune.lora.dropout=0"])
+    extra = memory_plan.plan_memory(drop).activations - memory_plan.plan_memory(nodrop).activations
+    assert extra == 30 * 4096 * 3 * (4 * 4096 + 2 * 4096 + 11008)  # bf16 + mask, per adapted input width
+
+
+def test_7b_lora_recipe_fits_24gib_as_its_comment_says(capsys):
+    from janus_train.tools.memory_plan import main
+
+    assert main([*LORA_7B, "--device-mem-gib", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter parameters=37,478,400" in out and "fits in 24 GiB" in out
+    assert main([*LORA_7B]) == 0  # the plain command names the 24 GiB class
+    assert "smallest common GPU it fits: 24 GiB" in capsys.readouterr().out
+    assert main([*LORA_7B, "--device-mem-gib", "24", "--json"]) == 0
+    [plan] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert plan["fits"] is True and plan["peak"] <= 24 * GIB
+    comment = (ROOT / "recipes" / "recipe" / "janus_pro_7b_lora.yaml").read_text()
+    assert f"peak {plan['peak'] / GIB:.2f} GiB per GPU => fits in 24 GiB" in comment, "update the recipe's stated figures"
+
+
+@pytest.mark.parametrize("name", ["janus_pro_1b_lora", "janus_pro_7b_lora", "janus_pro_1b_sft", "janus_pro_7b_sft"])
+def test_finetune_recipes_validate(name):
+    from janus_train.models.lora import PRESETS
+
+    run, settings = _settings([f"+recipe={name}", "model.init_from=/base"])
+    [stage] = run.enabled_stages()
+    assert stage.index == 3 and run.data.seq_len == 4096 and run.model.recompute == "full"
+    if name.endswith("_lora"):
+        assert run.finetune.mode == "lora" and set(run.finetune.lora.target_modules) <= set(PRESETS)
+        assert run.parallel.nodes * run.parallel.gpus_per_node == 1 and settings.lora is not None
+    else:  # Table 2, stage 3: lr 4e-5 constant, no warmup, 80K (1B) / 40K (7B) steps, batch 128, 5:1:4, all but VQ
+        assert run.finetune.mode == "full"
+        assert (stage.lr, stage.warmup_steps, stage.decay, stage.global_batch, stage.ratio) == (4.0e-5, 0, "constant", 128, (5.0, 1.0, 4.0))
+        assert stage.steps == (80000 if "1b" in name else 40000)
+        assert set(stage.trainable) == {"llm", "lm_head", "vision", "und_aligner", "gen_embed", "gen_aligner", "gen_head"}
