@@ -5,7 +5,6 @@
     apply_lora(model, settings)                  # inject (peft), freeze the base; in place
     adapter = adapter_state_dict(trainable_sd, settings)   # our names -> peft's saved keys
     load_adapter_state(model, adapter)           # peft's saved keys -> the injected model
-    merged = merge_adapters(model_fp32, adapter, settings)  # base + B @ A * alpha / r (peft)
 
 The adapters are peft's own layers (`peft.inject_adapter_in_model` with a `LoraConfig`); the
 model stays our `JanusModel` / `JanusFlowModel`, so everything that calls it (the step, ZeRO-3's
@@ -213,27 +212,6 @@ def exact_trainable(model: nn.Module, base_sd: dict[str, torch.Tensor] | None, a
         for key, value in adapter_sd.items():
             out[model_key(key, set(params))] = value
     return out
-
-
-def merge_adapters(model: nn.Module, adapter_sd: dict[str, torch.Tensor], settings: LoraSettings) -> dict[str, torch.Tensor]:
-    """Whole native weights of base + adapters: `model` holds the base weights (not injected,
-    e.g. fp32 on CPU); peft injects the adapters, loads `adapter_sd` and merges
-    (`merge_and_unload`: W + B @ A * alpha / r). The model is left merged."""
-    from peft.tuners.lora import LoraModel
-
-    cfg = lora_config(settings)
-    cfg.modules_to_save = None
-    tuner = LoraModel(model, cfg, ADAPTER)
-    for _, p in model.named_parameters():  # load_adapter_state checks coverage of trainable ones
-        p.requires_grad_(False)
-    for name, p in model.named_parameters():
-        if is_adapter_param(name):
-            p.requires_grad_(True)
-    for comp in settings.modules_to_save:
-        getattr(model, comp).requires_grad_(True)
-    load_adapter_state(model, adapter_sd)
-    merged = tuner.merge_and_unload(safe_merge=True)
-    return {k: v.detach() for k, v in merged.state_dict().items()}
 
 
 # ---- peft's adapter directory ---------------------------------------------------------------

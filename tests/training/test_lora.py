@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from janus_train.contracts.synthetic import mixed_batch
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janus.model import JanusModel
-from janus_train.models.lora import (LoraSettings, adapter_state_dict, apply_lora, load_adapter_state, merge_adapters, read_adapter,
+from janus_train.models.lora import (LoraSettings, adapter_state_dict, apply_lora, load_adapter_state, read_adapter,
                                      write_adapter)
 from janus_train.training.config import ConfigError, load_config, validate_config
 
@@ -137,11 +137,21 @@ def test_adapter_files_are_peft_save_pretrained(tmp_path):
         assert torch.equal(p, dict(ours.named_parameters())[n]), n
 
 
-def test_merge_is_base_plus_scaled_product():
+def test_merge_is_base_plus_scaled_product(tmp_path):
+    """The adapter files as a LoRA checkpoint writes them, merged by the one reader every tool
+    uses (checkpoint/adapters.py: peft's merge_and_unload)."""
+    import json
+
+    from janus_train.checkpoint.adapters import read_lora_checkpoint
+    from janus_train.checkpoint.io import write_checkpoint
+
     base = _base()
     ours = _trained_adapters(base)
     adapter = adapter_state_dict(_trainable_sd(ours), SETTINGS)
-    merged = merge_adapters(copy.deepcopy(base), adapter, SETTINGS)
+    write_checkpoint(tmp_path / "base", base.config, base.state_dict(), fmt="native")
+    write_adapter(tmp_path / "model", SETTINGS, adapter, JanusModel)
+    (tmp_path / "model" / "base.json").write_text(json.dumps({"path": str(tmp_path / "base"), "format": "native"}))
+    _, merged = read_lora_checkpoint(tmp_path / "model", dtype=torch.float32)
     base_sd = base.state_dict()
     assert merged.keys() == base_sd.keys()
     params = dict(ours.named_parameters())
