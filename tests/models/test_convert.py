@@ -129,3 +129,14 @@ def test_cli_reports_error_and_exit_code(tiny_hf_ckpt, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_release_config_is_the_preset_it_was_made_from(tiny_deepseek_ckpt):
+    """A release stores the gen head width explicitly; equal to the LLM width it reads as the
+    preset's default, so `model.init_from=<release>` with that preset is not refused."""
+    from janus_train.checkpoint.io import read_config
+    from janus_train.models.janus.config import JanusConfig
+
+    cfg = read_config(tiny_deepseek_ckpt)
+    preset = JanusConfig.from_preset("tiny")
+    assert cfg.vq.gen_head_hidden == preset.vq.gen_head_hidden and cfg.gen_head_hidden == preset.gen_head_hidden

@@ -184,7 +184,9 @@ def config_from_deepseek(d: dict[str, Any], name: str = "from_deepseek") -> Janu
             codebook_size=gparams["image_token_size"],
             code_dim=gparams["n_embed"],
             gen_aligner_depth=galign.get("depth", 2),
-            gen_head_hidden=ghead["image_token_embed"],
+            # The LLM's width is the default (None): one representation per model, so a release
+            # and our preset of the same sizes compare equal (training's init_from check).
+            gen_head_hidden=None if ghead["image_token_embed"] == llm.hidden_size else ghead["image_token_embed"],
             **{k: tuple(v) if k == "channel_multipliers" else v for k, v in qsizes.items()},
         ),
     ).validate()
