@@ -1,7 +1,8 @@
 """Encode the images of a gen dataset to VAE latent distributions (JanusFlow).
 
     python -m data_pipelines.pretokenize_vae --ckpt DIR --vae DIR --in DIR --out DIR
-        [--batch-size B] [--device cpu|cuda] [--drop-image]
+        [--batch-size B] [--device cpu|cuda] [--drop-image] [--workers N]
+        [--rank R --world-size W] [--finalize-only]
 
 --ckpt is a JanusFlow checkpoint (its tokenizer writes the prompts; its image size is the
 generation size), --vae a diffusers `AutoencoderKL` directory: the SDXL-VAE for the released
@@ -11,7 +12,8 @@ and standard deviation, fp16, unscaled [C, h, w]); the loader draws a latent fro
 use and multiplies it by the VAE's `scaling_factor` (recorded in the dataset's janus meta). The
 image is kept (representation alignment compares the LLM with SigLIP's view of the clean
 image) unless --drop-image. Resumable per shard; bad samples are skipped and counted in
-OUT/build_report.json (data_pipelines/pretokenize.py has the details).
+OUT/build_report.json (data_pipelines/pretokenize.py has the details). Distributed over
+torchrun processes, a Slurm array or --rank/--world-size exactly like pretokenize_vq.
 """
 
 from __future__ import annotations
@@ -23,14 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.pretokenize import ImageEncoder, run
+from data_pipelines.pretokenize import ImageEncoder, add_distributed_args, default_workers, local_device, report_result, run
 from janus_train.data import formats as fmt
 
 
-def vae_encoder(vae: Any, image_size: int, device: str) -> ImageEncoder:
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_meta(vae_config: Any, image_size: int) -> dict[str, Any]:
+    """The janus meta of VAE latents, from the VAE's config (no weights needed)."""
+    down = 2 ** (len(vae_config.block_out_channels) - 1)
     if image_size % down:
         raise ValueError(f"the VAE downsamples by {down}; image size {image_size} is not a multiple")
+    side = image_size // down
+    return {"latent_shape": [int(vae_config.latent_channels), side, side], "vae_scaling_factor": float(vae_config.scaling_factor)}
+
+
+def vae_encoder(vae: Any, image_size: int, device: str) -> ImageEncoder:
+    meta = vae_meta(vae.config, image_size)
     dtype = next(vae.parameters()).dtype
 
     def encode(x: torch.Tensor) -> list[dict[str, bytes]]:
@@ -40,13 +49,12 @@ def vae_encoder(vae: Any, image_size: int, device: str) -> ImageEncoder:
         return [{fmt.LATENT_MEAN_PART: fmt.npy_bytes(m.astype(np.float16)), fmt.LATENT_STD_PART: fmt.npy_bytes(s.astype(np.float16))}
                 for m, s in zip(mean, std)]
 
-    side = image_size // down
-    meta = {"latent_shape": [int(vae.config.latent_channels), side, side], "vae_scaling_factor": float(vae.config.scaling_factor)}
     return ImageEncoder("vae", image_size, encode, meta)
 
 
 def pretokenize(ckpt: str | Path, vae_dir: str | Path, in_dir: str | Path, out_dir: str | Path, batch_size: int = 64,
-                device: str = "cpu", keep_image: bool = True, progress: bool = True) -> dict[str, Any]:
+                device: str = "cpu", keep_image: bool = True, progress: bool = True, *, rank: int | None = None,
+                world_size: int | None = None, workers: int = 0, finalize_only: bool = False) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
     from janus_train.checkpoint.io import read_config
@@ -55,10 +63,19 @@ def pretokenize(ckpt: str | Path, vae_dir: str | Path, in_dir: str | Path, out_d
     cfg = read_config(ckpt)
     if not isinstance(cfg, JanusFlowConfig):
         raise ValueError(f"{ckpt} is not a JanusFlow checkpoint (a Janus-Pro one takes data_pipelines.pretokenize_vq)")
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(device).eval()
-    if vae.config.latent_channels != cfg.flow.latent_channels:
-        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels, the model {cfg.flow.latent_channels}")
-    return run(vae_encoder(vae, cfg.image_size, device), ckpt, in_dir, out_dir, batch_size, keep_image, progress)
+    # The config alone gives the meta (a finalising or idle process loads no weights).
+    vae_cfg = argparse.Namespace(**AutoencoderKL.load_config(str(vae_dir)))
+    vae_cfg.scaling_factor = getattr(vae_cfg, "scaling_factor", 0.18215)
+    if vae_cfg.latent_channels != cfg.flow.latent_channels:
+        raise ValueError(f"the VAE has {vae_cfg.latent_channels} latent channels, the model {cfg.flow.latent_channels}")
+
+    def load() -> Any:
+        vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(device).eval()
+        return vae_encoder(vae, cfg.image_size, device).encode
+
+    encoder = ImageEncoder("vae", cfg.image_size, None, vae_meta(vae_cfg, cfg.image_size), load)
+    return run(encoder, ckpt, in_dir, out_dir, batch_size, keep_image, progress, rank=rank, world_size=world_size,
+               workers=workers, finalize_only=finalize_only)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,14 +87,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--drop-image", action="store_true", help="do not keep the image (no representation alignment for these samples)")
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    workers = default_workers() if args.workers is None else args.workers
     try:
-        s = pretokenize(args.ckpt, args.vae, args.in_dir, args.out, args.batch_size, args.device, not args.drop_image)
-    except (ValueError, OSError) as e:
+        s = pretokenize(args.ckpt, args.vae, args.in_dir, args.out, args.batch_size, local_device(args.device),
+                        not args.drop_image, rank=args.rank, world_size=args.world_size, workers=workers,
+                        finalize_only=args.finalize_only)
+    except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"encoded {s['written']} of {s['rows']} samples to {args.out}; skipped {s['skipped'] or 0}")
+    report_result(s, args.out)
 
 
 if __name__ == "__main__":

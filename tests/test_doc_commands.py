@@ -275,7 +275,10 @@ DOCKER_VALUE_OPTS = {"-v", "--volume", "-e", "--env", "--entrypoint", "--gpus", 
 
 
 def check_command(argv: list[str], keys_only: bool = False) -> None:
+    env: dict[str, str] = {}
     while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):  # FOO=bar cmd ...
+        k, v = argv[0].split("=", 1)
+        env[k] = v
         argv = argv[1:]
     if argv[:1] == ["/usr/bin/time"]:
         argv = argv[3:] if argv[1:2] == ["-f"] else argv[1:]
@@ -298,6 +301,9 @@ def check_command(argv: list[str], keys_only: bool = False) -> None:
     if prog == "sbatch":
         rest = [a for a in args if not a.startswith("--")]
         assert (ROOT / rest[0]).is_file(), f"no file {rest[0]}"
+        if Path(rest[0]).name == "pretokenize.sbatch":  # its arguments are the pretokenizer's
+            kind = env.get("JANUS_PRETOKENIZER", "vq")
+            return _check_python_target(f"data_pipelines.pretokenize_{kind}", args[args.index(rest[0]) + 1 :], True)
         return _check_train_overrides(rest[1:])
     if prog == "docker":
         sub, rest = args[0], args[1:]

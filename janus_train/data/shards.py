@@ -68,9 +68,14 @@ def read_janus_meta(root: str | Path) -> dict[str, Any]:
 
 
 def write_janus_meta(root: str | Path, meta: dict[str, Any]) -> None:
+    import os
+
     p = Path(root) / META_DIR / JANUS_META
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # tmp + replace: a reader (or a second writer) never sees a half-written file
+    tmp = p.with_name(f"{JANUS_META}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)
 
 
 # `.nv-meta/sample_loader.py` of every dataset we write: how energon's own tools and loaders
@@ -188,6 +193,29 @@ def _energon_kind(root: Path, tars: list[str]) -> str | None:
     return None
 
 
+def _content_uuid(meta: Path) -> None:
+    """Replace energon's random `index.uuid` with one derived from the index it names.
+
+    energon writes a fresh uuid4 whenever it re-indexes, so two builds of the same data differed
+    in that one file; a uuid from the index's own bytes (`index.sqlite` + `.info.json`, both
+    deterministic) still changes whenever the index does, and lets a distributed build be
+    compared byte for byte with a one-process one (data_pipelines/pretokenize.py)."""
+    import hashlib
+    import os
+    import uuid
+
+    target = meta / "index.uuid"
+    if not target.is_file():
+        return
+    h = hashlib.sha256()
+    for name in ("index.sqlite", ".info.json"):
+        if (meta / name).is_file():
+            h.update((meta / name).read_bytes())
+    tmp = target.with_name(f"index.uuid.tmp.{os.getpid()}")
+    tmp.write_text(str(uuid.UUID(bytes=h.digest()[:16], version=4)))
+    os.replace(tmp, target)
+
+
 def prepare_energon(root: str | Path, workers: int = 1, progress: bool = False) -> None:
     """Make `root` an energon dataset (what `energon prepare --split-ratio 1,0,0
     --non-interactive` does), programmatically: `.info.json`, `split.yaml`, the `.tar.idx`
@@ -220,6 +248,7 @@ def prepare_energon(root: str | Path, workers: int = 1, progress: bool = False) 
         workers=max(1, workers),
     )
     meta = root / META_DIR
+    _content_uuid(meta)
     crude = {"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}
     with open(meta / CRUDE_CONFIG, "w") as f:
         yaml.safe_dump(crude, f, sort_keys=False)

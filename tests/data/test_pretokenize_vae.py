@@ -83,3 +83,19 @@ def test_drop_image_and_refusals(flow_inputs, tmp_path, tiny_hf_ckpt):
                         str(tmp_path / "missing"), "--in", str(flow_inputs["gen"]), "--out", str(tmp_path / "y")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "error:" in r.stderr
+
+
+def test_two_ranks_equal_one_process(flow_inputs, tmp_path):
+    """The VAE builder shares the distributed driver: 2 ranks (with a decoding worker) write the
+    same bytes as one process (tests/data/test_pretokenize_dist.py has the VQ side and torchrun)."""
+    from data_pipelines.pretokenize_vae import pretokenize
+
+    args = (flow_inputs["ckpt"], flow_inputs["vae"], flow_inputs["gen"])
+    pretokenize(*args, tmp_path / "one", batch_size=4, progress=False)
+    results = [pretokenize(*args, tmp_path / "two", batch_size=4, progress=False, rank=r, world_size=2, workers=1) for r in (1, 0)]
+    assert [r["finalized"] for r in results] == [False, True]
+
+    def tree(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
