@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import pickle
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from janus_train.checkpoint.sharded import WEIGHTS_KEY, ShardedCheckpointError, consolidate, sharded_source
 from janus_train.checkpoint.processor import ProcessorFilesError, image_token_id, token_ids, write_generation_config, write_hf_processor
 from janus_train.models.janus import config_formats, keys
 from janus_train.models.janus.config import JanusConfig
@@ -120,18 +123,85 @@ def _config_from_dict(d: dict, path: str | Path, fmt: str) -> ModelConfig:
     raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
 
 
-def load_weight_file(fp: str | Path) -> dict[str, torch.Tensor]:
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+# Files read with mmap=True: base address -> (size, the mmap). Weak: a map closes when the last
+# tensor viewing it is gone.
+_MAPPED: dict[int, tuple[int, weakref.ref]] = {}
+
+
+def _map_file(fp: Path) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor over a private (copy-on-write) memory map."""
+    with open(fp, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    raw = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the map alive while any view of it lives
+    _MAPPED[raw.data_ptr()] = (len(mm), weakref.ref(mm))
+    return raw
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the pages under a tensor read with mmap=True from this process's resident memory
+    (a later read faults them in from the file again). Loading weight by weight and releasing
+    each keeps a process's peak at one tensor's pages, not the whole file's. Other tensors: no-op."""
+    ptr, n = t.data_ptr(), t.numel() * t.element_size()
+    for base, (size, ref) in list(_MAPPED.items()):
+        mm = ref()
+        if mm is None:
+            _MAPPED.pop(base, None)
+        elif base <= ptr < base + size:
+            start = (ptr - base) // mmap.PAGESIZE * mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, start, min(size, ptr - base + n) - start)
+            return
+
+
+def _mmap_safetensors(fp: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a private memory map of it: nothing is
+    read until a tensor's bytes are used, and then only those pages (a ZeRO-3 rank touches its
+    slices only). The format is a little-endian u64 header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the bytes."""
+    size = fp.stat().st_size
+    with open(fp, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:
+            raise SafetensorError(f"header length {n} does not fit a file of {size} bytes")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    raw = _map_file(fp)
+    out = {}
+    for name, info in header.items():
+        dtype = _ST_DTYPES.get(info["dtype"])
+        start, end = (8 + n + int(o) for o in info["data_offsets"])
+        if dtype is None or end > size:
+            raise SafetensorError(f"tensor {name!r}: dtype {info['dtype']} / bytes {start}..{end} of {size}")
+        piece = raw[start:end]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if start % itemsize:  # unaligned (a writer without padding): a copy, still one tensor at a time
+            piece = piece.clone()
+        out[name] = piece.view(dtype).view(info["shape"])
+    return out
+
+
+def load_weight_file(fp: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of one weight file (safetensors, or a pickle read with weights_only=True);
-    CheckpointError naming the file when it is missing, truncated or corrupt."""
+    CheckpointError naming the file when it is missing, truncated or corrupt. `mmap`: views of
+    the file's memory map instead of copies (read on use; read-only in spirit: a write to one
+    changes this process's private copy of the page, never the file)."""
     fp = Path(fp)
     if not fp.is_file():
         raise CheckpointError(f"{fp}: missing weight file")
     try:
         if fp.suffix == ".safetensors":
-            return load_file(str(fp))
+            return _mmap_safetensors(fp) if mmap else load_file(str(fp))
         # weights_only: a checkpoint is data; never execute pickled code from it.
+        if mmap:
+            try:
+                return torch.load(fp, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                pass  # a legacy (non-zip) pickle cannot be mapped: read it whole below
         return torch.load(fp, map_location="cpu", weights_only=True)
-    except SafetensorError as e:
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{fp}: truncated or corrupt safetensors file ({e}); copy or download it again") from None
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{fp}: corrupt, or a pickle of more than tensors (torch.load(weights_only=True) refused it: {_first_line(e)})") from None
@@ -150,21 +220,27 @@ def _read_index(index: Path) -> list[str]:
         raise CheckpointError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
 
 
-def _read_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, fmt: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    if fmt == "native" and sharded_source(path) is not None:
+        # A periodic training checkpoint: the weights are DeepSpeed's shards next to it.
+        try:
+            return consolidate(path)
+        except (ShardedCheckpointError, OSError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
     index = path / "model.safetensors.index.json"
     if index.is_file():
         out: dict[str, torch.Tensor] = {}
         for f in _read_index(index):
-            out.update(load_weight_file(path / f))
+            out.update(load_weight_file(path / f, mmap))
         return out
     if (path / "model.safetensors").is_file():
-        return load_weight_file(path / "model.safetensors")
+        return load_weight_file(path / "model.safetensors", mmap)
     if fmt == "deepseek":
         bin_index = path / "pytorch_model.bin.index.json"
         files = _read_index(bin_index) if bin_index.is_file() else ["pytorch_model.bin"]
         out = {}
         for f in files:
-            out.update(load_weight_file(path / f))
+            out.update(load_weight_file(path / f, mmap))
         return out
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
@@ -174,9 +250,11 @@ def family_keys(cfg: ModelConfig):
     return flow_keys if isinstance(cfg, JanusFlowConfig) else keys
 
 
-def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_checkpoint(path: str | Path, fmt: str | None = None, mmap: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, native state dict) from a checkpoint directory, fully validated. A JanusFlow
-    release has no tensors for the training-only parts (the caller keeps their initialisation)."""
+    release has no tensors for the training-only parts (the caller keeps their initialisation).
+    `mmap`: the tensors are views of the weight files' memory maps (load_weight_file), so
+    reading the whole model costs no memory until its values are used."""
     path = Path(path)
     fmt = fmt or detect_format(path)
     if fmt == LORA_FORMAT:
@@ -184,7 +262,7 @@ def read_checkpoint(path: str | Path, fmt: str | None = None) -> tuple[ModelConf
 
         return read_lora_checkpoint(path)
     cfg = read_config(path, fmt)
-    external = _read_tensors(path, fmt)
+    external = _read_tensors(path, fmt, mmap)
     try:
         native = family_keys(cfg).to_native(external, cfg, fmt)
     except (KeyError, ValueError) as e:
@@ -228,6 +306,25 @@ def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
+def _native_config(cfg: ModelConfig, weights: str | None = None) -> dict:
+    d = {"format": NATIVE_MARKER, ("janusflow_config" if isinstance(cfg, JanusFlowConfig) else "janus_config"): cfg.to_dict()}
+    if weights is not None:
+        d[WEIGHTS_KEY] = weights
+    return d
+
+
+def write_sharded_model_dir(path: str | Path, cfg: ModelConfig, weights: str, aux_from: str | Path | None = None) -> Path:
+    """A native model directory without weights: config.json naming where they are (`weights`:
+    checkpoint/sharded.py's FROM_DEEPSPEED / FROM_EMA) and the tokenizer files. Written into a
+    checkpoint's temporary directory (the checkpoint's rename makes it visible)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=False)
+    (path / "config.json").write_text(json.dumps(_native_config(cfg, weights), indent=2) + "\n")
+    if aux_from is not None:
+        copy_aux_files(aux_from, path)
+    return path
+
+
 def write_checkpoint(
     path: str | Path,
     cfg: ModelConfig,
@@ -247,8 +344,7 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         if fmt == "native":
-            key = "janusflow_config" if flow else "janus_config"
-            (tmp / "config.json").write_text(json.dumps({"format": NATIVE_MARKER, key: cfg.to_dict()}, indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(_native_config(cfg), indent=2) + "\n")
             _save_safetensors(external, tmp, {"format": "pt"})
         elif flow:  # the JanusFlow release layout, with safetensors weights
             (tmp / "config.json").write_text(json.dumps(flow_formats.config_to_release(cfg), indent=2) + "\n")

@@ -6,13 +6,21 @@ Layout under `<run_dir>/checkpoints/`:
       ds/                     DeepSpeed engine state: module, ZeRO-partitioned optimizer, lr schedule
       latest                  "ds": DeepSpeed's tag file, so the zero_to_fp32.py that DeepSpeed copies
                               here works with its default arguments (`python zero_to_fp32.py . out`)
-      model/                  whole fp32 weights in janus-train's native format (+ tokenizer files):
-                              exportable to HF, and the hand-over between stages/topologies
+      model/                  janus-train's native format (+ tokenizer files). Stage-end checkpoints:
+                              whole fp32 weights (exportable to HF; the hand-over between stages).
+                              Periodic and signal saves: config.json only, naming ds/ as the
+                              weights (nothing gathered to rank 0 inside a preemption window);
+                              readers consolidate them with DeepSpeed's own tool (sharded.py)
       model_ema/              with train.ema_decay > 0: the weight average, same format (exports
                               and samples use it; training continues from model/)
+      ema/rank_00000.pt       periodic/signal saves with train.ema_decay > 0: each rank's slice of
+                              the average (model_ema/ names them)
       loader/rank_00000.json  each data-parallel rank's loader state (incl. the mixer's)
       rng/rank_00000.pt       each rank's python/numpy/torch RNG states
-      meta.json               written last: step, stage, topology, timestamps
+      meta.json               written last: step, stage, topology, timestamps, the stage's start weights
+      ds_universal/           only after a resume on another topology: DeepSpeed's universal form of ds/
+                              (checkpoint/universal.py), converted once by rank 0 in a temporary
+                              sibling and renamed into place; reused; pruned with its checkpoint
     latest                    name of the newest complete checkpoint (a hint; a scan decides)
     .tmp-step_00000060-XXXX/  a save in progress: never resumed from, removed at next start
 
@@ -53,13 +61,13 @@ import torch
 
 from janus_train.checkpoint.consolidate import full_state_dict
 from janus_train.checkpoint.adapters import BASE_FILE, is_lora_checkpoint
-from janus_train.checkpoint.io import copy_aux_files, write_checkpoint
+from janus_train.checkpoint.io import copy_aux_files, write_checkpoint, write_sharded_model_dir
+from janus_train.checkpoint.sharded import DS_TAG, FROM_DEEPSPEED, FROM_EMA, write_ema_shard
 from janus_train.contracts.faults import fault
 from janus_train.parallel.distributed import barrier, broadcast_object
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-DS_TAG = "ds"  # DeepSpeed's tag (sub-directory) inside each checkpoint
 EMA_DIR = "model_ema"  # the weight average's whole weights inside a checkpoint
 
 
@@ -85,6 +93,9 @@ class CheckpointMeta:
     zero_stage: int
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
+    # The whole weights the stage started from (its frozen weights are these; a periodic
+    # checkpoint's model/ names DeepSpeed's shards instead). None: the seeded random init.
+    stage_start: str | None = None
     time: float = 0.0
     complete: bool = True
 
@@ -191,14 +202,20 @@ class CheckpointManager:
         protect: bool = False,
         lora: LoraSave | None = None,
         ema_sd: dict[str, torch.Tensor] | None = None,
+        whole: bool = True,
+        ema_shard: dict[str, Any] | None = None,
     ) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint path.
 
-        Writes DeepSpeed's engine state (every rank its partition), the whole fp32 weights in
-        native format with `aux_dir`'s tokenizer files (rank 0; and `ema_sd`, the weight average,
-        as model_ema/), each rank's loader and RNG state, then meta.json, and renames the directory into place. With `lora`: the
-        adapters, base.json and no frozen weights anywhere (module docstring).
+        Writes DeepSpeed's engine state (every rank its partition), each rank's loader and RNG
+        state, then meta.json, and renames the directory into place. `whole`: also the whole
+        fp32 weights in native format with `aux_dir`'s tokenizer files as model/ (gathered to
+        rank 0; and `ema_sd`, the weight average, as model_ema/). Otherwise (periodic and signal
+        saves) nothing is gathered: model/ names DeepSpeed's shards as its weights and each rank
+        writes its `ema_shard` (checkpoint/sharded.py). With `lora`: the adapters (gathered: they
+        are small), base.json and no frozen weights anywhere (module docstring).
         """
+        whole = whole or lora is not None
         final = self.root / checkpoint_name(meta.step)
         tmp_name = broadcast_object(f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}" if self.rank == 0 else None)
         tmp = self.root / tmp_name
@@ -209,16 +226,22 @@ class CheckpointManager:
         # directory that the rename commits.
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=lora is not None)
         # collective; rank 0 holds it
-        sd = full_state_dict(engine.module, engine.zero_optimization_stage(), trainable_only=lora is not None)
+        sd = full_state_dict(engine.module, engine.zero_optimization_stage(), trainable_only=lora is not None) if whole else None
+        if not whole and ema_shard is not None:
+            write_ema_shard(tmp, self.rank, ema_shard)
         if self.rank == 0:
             slow = fault("save_sleep")
             if slow and int(slow[0]) == meta.step:
                 time.sleep(slow[1])
-            if lora is None:
+            if not whole:
+                write_sharded_model_dir(tmp / "model", model_config, FROM_DEEPSPEED, aux_from=aux_dir)
+                if ema_shard is not None:
+                    write_sharded_model_dir(tmp / EMA_DIR, model_config, FROM_EMA, aux_from=aux_dir)
+            elif lora is None:
                 write_checkpoint(tmp / "model", model_config, sd, fmt="native", aux_from=aux_dir)
             else:
                 self._write_lora(tmp / "model", lora, sd, aux_dir)
-            if ema_sd is not None:
+            if whole and ema_sd is not None:
                 write_checkpoint(tmp / EMA_DIR, model_config, ema_sd, fmt="native", aux_from=aux_dir)
         del sd
         (tmp / "loader").mkdir(exist_ok=True)

@@ -48,8 +48,9 @@ class PackedBatch:
       und_pixel_values uint8 [N, 3, H, W] or None  the und images, padded to square, not yet
                                    normalised: the vision tower normalises uint8 pixels on the
                                    device (a float tensor is taken as already normalised).
-      meta            dict         not used by the model: sample keys, sources, counts (for
-                                   logging, skip accounting and resume checks).
+      meta            dict         sample keys, sources, counts (for logging, skip accounting
+                                   and resume checks); `meta["host_counts"]` (`host_counts()`)
+                                   holds the counts the step and the model need as plain ints.
 
     JanusFlow only (None for Janus-Pro), M gen documents in row-major order:
       gen_time_mask   bool [R, S]  the time-embedding position of each gen document.
@@ -95,7 +96,11 @@ class PackedBatch:
 
     def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> "PackedBatch":
         """Move tensors to `device`; cast floating tensors (pixels given as floats) to
-        `float_dtype` if given. uint8 pixels stay uint8: the vision tower normalises them."""
+        `float_dtype` if given. uint8 pixels stay uint8: the vision tower normalises them.
+
+        The moved batch carries `host_counts()` in its meta (the collated batch's, or counted
+        here from the host tensors of a batch built by hand), so the step and the model read
+        them without waiting for the device."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -104,7 +109,23 @@ class PackedBatch:
                 if float_dtype is not None and value.is_floating_point():
                     value = value.to(float_dtype)
             out[f.name] = value
+        if self.input_ids.device.type == "cpu" or HOST_COUNTS in self.meta:
+            out["meta"] = {**self.meta, HOST_COUNTS: self.host_counts()}
         return PackedBatch(**out)
+
+    def host_counts(self) -> dict[str, int]:
+        """Plain-int counts of this batch (names: HOST_COUNT_NAMES): supervised tokens per task
+        (`und`, `text`, `gen`), `gen_inputs` / `und_image_positions` / `gen_time_positions` (the
+        True entries of those masks), `images` (und images), and for the FLOP model the documents
+        holding a supervised token: `useful_docs`, their tokens `useful_tokens` and Σ length²
+        `useful_len_sq`.
+
+        Taken from `meta["host_counts"]` when there (`collate` and `to()` set it: change a
+        batch's tensors after collate and the counts no longer describe it), else counted from
+        the tensors: free on a host batch, a wait for the device on a device batch built by hand
+        (correct, only slower)."""
+        counts = self.meta.get(HOST_COUNTS)
+        return counts if counts is not None else count_on_host(self)
 
     def doc_ids(self) -> torch.Tensor:
         """long [R, S]: a global document index for each token (equal ids may attend)."""
@@ -112,7 +133,8 @@ class PackedBatch:
 
     def supervised_tokens(self) -> dict[str, int]:
         """Number of supervised tokens per task in this batch."""
-        return {name: int((self.loss_task == tid).sum()) for name, tid in TASK_ID.items()}
+        counts = self.host_counts()
+        return {name: counts[name] for name in TASKS}
 
     def loss_counts(self) -> dict[str, int]:
         """The normaliser of every loss the model reports for this batch: supervised tokens per
@@ -121,7 +143,7 @@ class PackedBatch:
         if self.is_flow:
             m = self.num_gen_docs
             counts["flow"] = 0 if not m else int(self.gen_latents[0].numel()) * m
-            counts["repa"] = int(self.gen_input_mask.sum()) if self.gen_repa_pixels is not None else 0
+            counts["repa"] = self.host_counts()["gen_inputs"] if self.gen_repa_pixels is not None else 0
         return counts
 
     def validate(self, num_image_tokens: int | None = None) -> None:
@@ -157,6 +179,37 @@ class PackedBatch:
                 f"PackedBatch.und_image_mask marks {n_img_tok} positions but und_pixel_values holds "
                 f"{n_img} images x {num_image_tokens} tokens"
             )
+
+
+HOST_COUNTS = "host_counts"  # the meta key of `PackedBatch.host_counts()`
+HOST_COUNT_NAMES: tuple[str, ...] = (*TASKS, "gen_inputs", "und_image_positions", "gen_time_positions", "images",
+                                     "useful_docs", "useful_tokens", "useful_len_sq")
+
+
+def count_on_host(batch: PackedBatch) -> dict[str, int]:
+    """`PackedBatch.host_counts()` counted from the batch's tensors (device-to-host reads when
+    they are on a device)."""
+    task = batch.loss_task
+    counts = {name: int((task == tid).sum()) for name, tid in TASK_ID.items()}
+    counts["gen_inputs"] = int(batch.gen_input_mask.sum())
+    counts["und_image_positions"] = int(batch.und_image_mask.sum())
+    counts["gen_time_positions"] = 0 if batch.gen_time_mask is None else int(batch.gen_time_mask.sum())
+    counts["images"] = 0 if batch.und_pixel_values is None else int(batch.und_pixel_values.shape[0])
+    cu = batch.cu_seqlens.to(torch.int64)
+    useful = torch.zeros(cu.numel() - 1, dtype=torch.bool, device=cu.device)
+    useful[batch.doc_ids().reshape(-1)[task.reshape(-1) >= 0]] = True
+    lengths = (cu[1:] - cu[:-1])[useful]
+    counts["useful_docs"] = int(useful.sum())
+    counts["useful_tokens"] = int(lengths.sum())
+    counts["useful_len_sq"] = int((lengths * lengths).sum())
+    return counts
+
+
+def mask_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """long [count]: the row-major flat positions of `mask`'s True entries, which the caller
+    knows to number `count` (`PackedBatch.host_counts()`). `mask.nonzero()` gives the same
+    positions but must wait for the device to learn its output size."""
+    return torch.nonzero_static(mask.reshape(-1), size=count)[:, 0]
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
@@ -341,7 +394,7 @@ def collate(
     }
     if meta:
         out_meta.update(meta)
-    return PackedBatch(
+    batch = PackedBatch(
         input_ids=torch.from_numpy(ids).view(shape),
         position_ids=torch.from_numpy(positions).view(shape),
         cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
@@ -354,6 +407,9 @@ def collate(
         meta=out_meta,
         **flow_fields,
     )
+    # Counted here, on the loader's CPU, so the step and the model never read them from a device.
+    out_meta[HOST_COUNTS] = count_on_host(batch)
+    return batch
 
 
 def _np(x: Any) -> np.ndarray:

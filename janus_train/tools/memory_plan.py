@@ -35,6 +35,11 @@ intermediate and, with lora dropout, the dropped-out input and its mask. DeepSpe
 never hold more than the trainable parameters.
 Peak = parameters + optimizer + buffers + overhead + max(activations + transient at the start of
 backward, gradients + optimizer-step temporaries at the update).
+Start-up peak = parameters + optimizer + overhead + the start-up transient: under ZeRO-3 (no TP,
+no LoRA) parameters are created partitioned and each rank loads its slices, so nothing more than
+one fp32 tensor (bf16 runs: a weight's exact value for its master copy); ZeRO-1/2 add the flat
+copy of the trainable weights DeepSpeed makes; ZeRO-3 with TP or LoRA builds the model whole
+first. The checkpoint is read through a memory map (host page cache, not device memory).
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ class MemoryPlan:
     device_mem: float | None
     fits: bool | None
     detail: dict[str, float] = field(default_factory=dict)
+    startup: float = 0.0  # peak once the engine is built, before the first step
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def param_counts(cfg: JanusConfig | JanusFlowConfig, trainable: list[str], tp: i
             from janus_train.models.lora import apply_lora
 
             apply_lora(model, lora)
-    out = {"trainable": 0.0, "frozen": 0.0, "largest_trainable": 0.0, "largest_block": 0.0, "adapter": 0.0}
+    out = {"trainable": 0.0, "frozen": 0.0, "largest_trainable": 0.0, "largest_block": 0.0, "adapter": 0.0, "largest": 0.0}
     seen: set[int] = set()
     for comp in family.components:
         part = getattr(model, comp)  # a module, or a bare parameter (JanusFlow's und_begin)
@@ -160,6 +166,7 @@ def param_counts(cfg: JanusConfig | JanusFlowConfig, trainable: list[str], tp: i
                 out["adapter"] += n if adapter else 0.0
                 key = "trainable" if adapter or comp in lora.modules_to_save else "frozen"
             out[key] += n
+            out["largest"] = max(out["largest"], n)
             if key == "trainable":
                 out["largest_trainable"] = max(out["largest_trainable"], n)
     block = model.llm.layers[0]
@@ -460,6 +467,19 @@ def plan_memory(s: PlanSettings, device_mem_gib: float | None = None) -> MemoryP
     if isinstance(cfg, JanusFlowConfig):
         detail["gen_images_per_micro_batch"] = gen_images_per_micro_batch(cfg, s)
     peak = params + optimizer + buffers + overhead + max(acts + transient, grads + step_tmp)
+    # Start-up (training/trainer.py _build_model): the model is cast before it gets memory, and
+    # a bf16 run puts each trainable weight's exact fp32 value into its master copy one tensor
+    # at a time. ZeRO-3 without TP or LoRA creates parameters partitioned and loads slices
+    # (parallel/zero3_init.py); ZeRO-1/2 flatten the trainable weights into one buffer while the
+    # originals still exist.
+    partitioned = s.engine == "deepspeed" and z == 3 and s.tp == 1 and s.lora is None
+    startup_tmp = 4.0 * counts["largest"] if s.dtype == "bf16" else 0.0
+    if s.engine == "deepspeed" and z in (1, 2):
+        startup_tmp += b * n_t
+    elif z == 3 and not partitioned:
+        startup_tmp += b * (n_t + n_f)  # built whole, then partitioned by the engine
+    detail["startup_transient"] = startup_tmp
+    startup = params + optimizer + overhead + startup_tmp
     device = device_mem_gib * GIB if device_mem_gib else None
     return MemoryPlan(
         settings=_settings_summary(s),
@@ -471,6 +491,7 @@ def plan_memory(s: PlanSettings, device_mem_gib: float | None = None) -> MemoryP
         buffers=buffers,
         overhead=overhead,
         peak=peak,
+        startup=startup,
         device_mem=device,
         fits=(peak <= device) if device else None,
         detail=detail,
@@ -581,6 +602,7 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
         ("DeepSpeed buffers", plan.buffers),
         ("runtime overhead", plan.overhead),
         ("peak per GPU", plan.peak),
+        ("start-up peak", plan.startup),
     ]
     for label, value in rows:
         lines.append(f"  {label:<22}{value / GIB:9.2f} GiB")

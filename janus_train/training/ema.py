@@ -129,11 +129,21 @@ class WeightEMA:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "dp": self.dp, "zero3": self.zero3,
+        """This rank's slice and where it goes (checkpoint/sharded.py puts the slices of every
+        rank back together: `dp_rank`-th piece of the flat tensor of shape `shapes[name]`, of
+        TP rank `tp_rank`)."""
+        tp_rank = 0
+        if any(is_tp_split(p) for _, p in self.params):
+            from megatron.core import parallel_state
+
+            tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        return {"decay": self.decay, "updates": self.updates, "dp": self.dp, "dp_rank": self.dp_rank, "tp_rank": tp_rank,
+                "zero3": self.zero3, "shapes": {n: tuple(p.ds_shape if self.zero3 else p.shape) for n, p in self.params},
                 "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["dp"], state["zero3"]) != (self.dp, self.zero3) or set(state["shadow"]) != set(self.shadow):
+        if (state["dp"], state.get("dp_rank", self.dp_rank)) != (self.dp, self.dp_rank) or set(state["shadow"]) != set(self.shadow) \
+                or any(state["shadow"][n].shape != t.shape for n, t in self.shadow.items()):
             raise ValueError("the checkpoint's EMA belongs to another topology or set of trainable parameters")
         for n, t in state["shadow"].items():
             self.shadow[n].copy_(t)

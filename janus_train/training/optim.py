@@ -10,22 +10,29 @@ from torch import nn
 
 
 class AdamWSkipNonFinite(torch.optim.AdamW):
-    """AdamW that skips the update when any gradient is NaN/inf.
+    """AdamW that skips the update when any gradient is NaN/inf (`check_finite`).
 
     DeepSpeed's ZeRO optimizers detect a non-finite global grad norm themselves and skip
-    before reaching this; with ZeRO stage 0 this class is the only guard. It sets `overflow`,
-    which DeepSpeed reads to count the skipped step and hold the lr schedule.
+    before reaching this, so under ZeRO-1/2/3 the check is off (it would only add a wait for
+    the device); with ZeRO stage 0 this class is the only guard. It sets `overflow`, which
+    DeepSpeed reads as a Python bool to count the skipped step and hold the lr schedule: one
+    device-to-host read per step, of all gradients' finiteness at once.
     """
 
     overflow = False
 
+    def __init__(self, params, check_finite: bool = True, **kwargs):
+        super().__init__(params, **kwargs)
+        self.check_finite = check_finite
+
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    self.overflow = True
-                    return None
+        if self.check_finite:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
+            if finite is not None and not bool(finite):
+                self.overflow = True
+                return None
         self.overflow = False
         return super().step(closure)
 
@@ -36,7 +43,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or "norm" in name or name.endswith("embed_tokens.weight") or name.startswith("gen_embed"):
+        # A ZeRO-3 parameter created partitioned is flat here: its whole shape is ds_shape.
+        if len(getattr(p, "ds_shape", p.shape)) < 2 or "norm" in name or name.endswith("embed_tokens.weight") or name.startswith("gen_embed"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -68,10 +76,12 @@ def lr_factor(warmup_steps: int, total_steps: int = 0, decay: str = "constant", 
 
 
 def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float, warmup_steps: int,
-                    total_steps: int = 0, decay: str = "constant", min_lr_ratio: float = 0.0):
+                    total_steps: int = 0, decay: str = "constant", min_lr_ratio: float = 0.0, check_finite: bool = True):
+    """AdamW over the trainable parameters and its lr schedule. `check_finite`: skip non-finite
+    updates here (ZeRO-0; DeepSpeed's ZeRO optimizers do it themselves)."""
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("no trainable parameters in this stage")
-    opt = AdamWSkipNonFinite(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    opt = AdamWSkipNonFinite(groups, check_finite=check_finite, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(warmup_steps, total_steps, decay, min_lr_ratio))
     return opt, sched

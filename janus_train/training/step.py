@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -38,32 +39,36 @@ class StepResult:
     applied: bool  # False when the update was skipped (non-finite loss or gradients)
     grad_norm: float | None
     counts: dict[str, float] = field(default_factory=dict)  # global inputs for the FLOP model
+    flags: list[float] = field(default_factory=list)  # train_step's `flags`, summed over all ranks
 
 
 def batch_counts(mb: PackedBatch) -> torch.Tensor:
-    """[useful tokens, Σ len² of useful docs, text-sup, gen-sup, images, gen inputs, docs] of one micro-batch."""
-    doc = mb.doc_ids().reshape(-1)
-    supervised = mb.loss_task.reshape(-1) >= 0
-    n_docs = int(mb.cu_seqlens.numel() - 1)
-    useful_doc = torch.zeros(n_docs, dtype=torch.bool)
-    useful_doc[doc[supervised].cpu()] = True
-    lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).to(torch.float64).cpu()
-    task = mb.loss_task
+    """[useful tokens, Σ len² of useful docs, text-sup, gen-sup, images, gen inputs, docs] of one
+    micro-batch, from its host counts (`PackedBatch.host_counts()`: nothing read from a device)."""
+    c = mb.host_counts()
     return torch.tensor(
         [
-            float(lengths[useful_doc].sum()),
-            float((lengths[useful_doc] ** 2).sum()),
-            float(((task == 0) | (task == 1)).sum()),
-            float((task == 2).sum()),
-            float(0 if mb.und_pixel_values is None else mb.und_pixel_values.shape[0]),
-            float(mb.gen_input_mask.sum()),
-            float(useful_doc.sum()),
+            float(c["useful_tokens"]),
+            float(c["useful_len_sq"]),
+            float(c["und"] + c["text"]),
+            float(c["gen"]),
+            float(c["images"]),
+            float(c["gen_inputs"]),
+            float(c["useful_docs"]),
         ],
         dtype=torch.float64,
     )
 
 
 COUNT_NAMES = ("tokens", "doc_len_sq", "text_sup", "gen_sup", "images", "gen_inputs", "docs")
+
+
+def _scaled(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x * factor for a 0-dim float64 `factor` on any device, bitwise `x * float(factor)`: torch
+    applies a Python float at x's compute precision (float32 for fp32/bf16/fp16 tensors, float64
+    for fp64), rounding the product to x's dtype; the gradient is rounded the same way."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x * factor.to(device=x.device, dtype=compute)).to(x.dtype)
 
 
 def train_step(
@@ -76,9 +81,18 @@ def train_step(
     touch_all: bool,
     loss_weights: dict[str, float] | None = None,
     groups: list[LossGroup] | None = None,
+    flags: Callable[[], list[float]] | None = None,
 ) -> StepResult:
     """`groups`: how the model family's losses are normalised (models/families.py); None is
-    Janus-Pro's single CE group with `loss_weights`."""
+    Janus-Pro's single CE group with `loss_weights`. `flags`: called once the update is done;
+    its numbers are summed over all ranks (the default group) and returned in
+    `StepResult.flags` (the trainer's stop request and skipped-sample count).
+
+    One device-to-host copy per step: the counts come from the batches' host metadata
+    (`PackedBatch.host_counts()`), the normalisers stay tensors on the communication device
+    (a CPU tensor under gloo, the GPU under NCCL), the loss sums accumulate on the device, and
+    the step's scalars (global counts, loss sums, flags, grad norm) come back in one copy at the
+    end."""
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise RuntimeError(
             f"the loader gave {len(micro_batches)} micro-batches but DeepSpeed expects "
@@ -87,45 +101,71 @@ def train_step(
     if groups is None:
         groups = JANUS.loss_groups(loss_weights or {}, None)
     names = [n for g in groups for n in g.names]
-    # Global counts of every loss's normaliser + the FLOP-model counts, in one all-reduce.
+    index = {n: i for i, n in enumerate(names)}
+    # Global counts of every loss's normaliser + the FLOP-model counts, in one all-reduce. The
+    # integers are exact in float64, so the sums are those the old per-tensor count gave.
     local = torch.zeros(len(names) + len(COUNT_NAMES), dtype=torch.float64)
     for mb in micro_batches:
         c = mb.loss_counts()
         local[: len(names)] += torch.tensor([float(c.get(n, 0)) for n in names], dtype=torch.float64)
         local[len(names) :] += batch_counts(mb)
     comm_dev = device if device.type == "cuda" else torch.device("cpu")
-    glob = all_reduce_sum(local.to(comm_dev), group=dp_group).cpu()
-    counts = {n: int(glob[i]) for i, n in enumerate(names)}
-    norms = [max(1, sum(counts[n] for n in g.names)) for g in groups]
+    # non_blocking: a pageable host tensor is staged at once; a blocking copy would also wait
+    # for the device's queue.
+    glob = all_reduce_sum(local.to(comm_dev, non_blocking=True), group=dp_group)
+    # dp_size / N_global of each group stays a tensor on the communication device: the counts
+    # are exact integers in float64, so this is the double the Python division gave.
+    factors = []
+    for g in groups:
+        n_global = sum(glob[index[n]] for n in g.names).clamp(min=1.0)
+        factors.append(torch.full_like(n_global, float(dp_size)) / n_global)
 
-    sums = torch.zeros(len(names), dtype=torch.float64)
+    sums = None
     for mb in micro_batches:
         batch = mb.to(device, float_dtype)
         out = engine(batch, touch_all=touch_all)
         total = None
-        for g, n_global in zip(groups, norms):
+        for g, factor in zip(groups, factors):
             if g.weights is None:  # a plain sum: the default objective is bitwise the unweighted one
                 group_sum = sum(out.loss_sum[n] for n in g.names)
             else:
                 group_sum = sum(g.weights.get(n, 1.0) * out.loss_sum[n] for n in g.names)
-            term = group_sum * (dp_size / n_global)
+            term = _scaled(group_sum, factor)
             total = term if total is None else total + term
         engine.backward(total, scale_wrt_gas=False)
         engine.step()
-        sums += torch.stack([out.loss_sum[n].detach().double().cpu() for n in names])
-    sums = all_reduce_sum(sums.to(comm_dev), group=dp_group).cpu()
-    per_name = {n: float(sums[i]) for i, n in enumerate(names)}
-    loss = sum(sum(per_name[n] for n in g.names) / n_global for g, n_global in zip(groups, norms))
-    applied = bool(engine.was_step_applied()) and math.isfinite(loss)
+        mb_sums = torch.stack([out.loss_sum[n].detach().double() for n in names])
+        sums = mb_sums if sums is None else sums + mb_sums
+    sums = all_reduce_sum(sums.to(comm_dev), group=dp_group)
+    parts = [glob, sums]
+    n_flags = 0
+    if flags is not None:
+        values = [float(v) for v in flags()]
+        n_flags = len(values)
+        parts.append(all_reduce_sum(torch.tensor(values, dtype=torch.float64).to(comm_dev, non_blocking=True)))
     norm = engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else None
+    if isinstance(norm, torch.Tensor):
+        parts.append(norm.detach().reshape(1).to(device=comm_dev, dtype=torch.float64))
+    # The step's one device-to-host copy.
+    host = torch.cat(parts).cpu().tolist()
+    glob_h, sums_h = host[: len(glob)], host[len(glob) : len(glob) + len(names)]
+    flags_h = host[len(glob) + len(names) : len(glob) + len(names) + n_flags]
+    if isinstance(norm, torch.Tensor):
+        norm = host[-1]
+    counts = {n: int(glob_h[i]) for i, n in enumerate(names)}
+    n_globals = [max(1, sum(counts[n] for n in g.names)) for g in groups]
+    per_name = dict(zip(names, sums_h))
+    loss = sum(sum(per_name[n] for n in g.names) / n_global for g, n_global in zip(groups, n_globals))
+    applied = bool(engine.was_step_applied()) and math.isfinite(loss)
+    extra = glob_h[len(names) :]
     return StepResult(
         loss=loss,
         task_loss={n: (per_name[n] / counts[n] if counts[n] else None) for n in names},
         task_tokens=counts,
-        tokens=int(glob[len(names)]),
-        samples=int(glob[len(names) + COUNT_NAMES.index("docs")]),
+        tokens=int(extra[0]),
+        samples=int(extra[COUNT_NAMES.index("docs")]),
         applied=applied,
-        grad_norm=norm,
-        counts={n: float(glob[len(names) + i]) for i, n in enumerate(COUNT_NAMES)},
+        grad_norm=float(norm) if norm is not None else None,
+        counts=dict(zip(COUNT_NAMES, extra)),
+        flags=flags_h,
     )

@@ -42,12 +42,14 @@ from janus_train.logging.mfu import component_sizes, device_peak_flops, step_flo
 from janus_train.models.janus.config import JanusConfig
 from janus_train.models.janusflow.config import JanusFlowConfig
 from janus_train.checkpoint.adapters import is_lora_checkpoint, read_base, read_lora_checkpoint
+from janus_train.checkpoint import universal
 from janus_train.checkpoint.consolidate import set_master_weights
+from janus_train.checkpoint.sharded import read_ema_shard, sharded_source
 from janus_train.checkpoint.export import export_checkpoint
-from janus_train.checkpoint.io import detect_format, load_state_into, load_tokenizer, read_checkpoint, read_config
+from janus_train.checkpoint.io import detect_format, load_state_into, load_tokenizer, read_checkpoint, read_config, release_pages
 from janus_train.contracts.faults import fault
 from janus_train.parallel import deepspeed_engine as dse
-from janus_train.parallel.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed, set_cpu_threads
+from janus_train.parallel.distributed import DistInfo, all_reduce_max, barrier, destroy, init_distributed, set_cpu_threads
 from janus_train.training.config import ConfigError, RunConfig, StageSettings, validate_config
 from janus_train.training.optim import build_optimizer
 from janus_train.training.signals import StopFlag
@@ -64,6 +66,22 @@ TRAINING_SETTINGS = ("repa_weight", "t_logit_mean", "t_logit_std")
 
 class TrainingAborted(RuntimeError):
     pass
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: allocated device memory on a GPU, else the peak
+    resident set size (the host is the device)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def resident_gib(device: torch.device) -> float:
+    """Memory in use now (the baseline start-up figures are measured above)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 class Trainer:
@@ -102,6 +120,11 @@ class Trainer:
         self.tokenizer = None
         self.lora = cfg.finetune.lora.settings() if cfg.finetune.is_lora else None
         self.lora_base: tuple[str, str] | None = None  # (path, format) of the weights the adapters sit on
+        # The newest stage's start-up memory (max over ranks, GiB; status.json, and the start-up
+        # line of tools/memory_plan.py to check against): before the model, with its weights
+        # loaded, with the DeepSpeed engine (optimizer states) built.
+        self.startup_memory: dict[str, float] = {}
+        self.stage_start: str | None = None  # the whole weights the current stage started from (CheckpointMeta.stage_start)
 
     # ---- setup -----------------------------------------------------------------------------
     def _model_config(self) -> JanusConfig | JanusFlowConfig:
@@ -153,13 +176,25 @@ class Trainer:
             raise ConfigError("data.tokenizer", "no tokenizer: set data.tokenizer or model.init_from (a checkpoint with tokenizer files)")
         return init
 
-    def _build_model(self, weights_dir: Path | None):
+    def _partitioned_start(self) -> bool:
+        """Whether the stage's model is created partitioned (ZeRO-3 without TP or LoRA, which
+        reshape the model after it is built)."""
+        return self.zero_stage == 3 and self.tp == 1 and self.lora is None
+
+    def _build_model(self, weights_dir: Path | None, ds_cfg: dict):
         """(model, its whole fp32 weights as read, the LoRA adapter state to continue or None).
         A LoRA checkpoint's model/ is its base + adapters: LoRA runs get both apart, full
-        fine-tuning gets them merged."""
+        fine-tuning gets them merged.
+
+        Nothing holds the whole model in fp32 unless the run trains in fp32: the model is cast
+        on the meta device before it gets memory, and the weights are read as views of the
+        files' memory maps (pages read on use). Under ZeRO-3 (`_partitioned_start`) parameters
+        are created partitioned and each rank copies only its slices (parallel/zero3_init.py)."""
+        if self._partitioned_start():
+            return self._build_partitioned(weights_dir, ds_cfg)
         with torch.device("meta"):
             model = self.family.build(self.model_config)
-        model = model.to_empty(device=self.dist.device).to(self.dtype)
+        model = model.to(self.dtype).to_empty(device=self.dist.device)
         sd = adapter_sd = None
         if weights_dir is not None and is_lora_checkpoint(weights_dir):
             if self.lora is not None:
@@ -173,7 +208,7 @@ class Trainer:
                 _, sd = read_lora_checkpoint(weights_dir, dtype=torch.float32)
         elif weights_dir is not None:
             fmt = detect_format(weights_dir)
-            _, sd = read_checkpoint(weights_dir, fmt)
+            _, sd = read_checkpoint(weights_dir, fmt, mmap=True)
             self.lora_base = (str(Path(weights_dir).resolve()), fmt)  # what a LoRA run's base.json names
         if sd is not None:
             if self.family.gen_kind == "flow":
@@ -181,12 +216,36 @@ class Trainer:
                 # the checkpoint has overwrite everything else.
                 model.init_training_only(seed=self.cfg.seed)
             load_state_into(model, sd)
+            for t in sd.values():
+                release_pages(t)  # the copies are in the model; the file's pages may go
         else:
             model.init_weights(seed=self.cfg.seed)
         model.train()
         if self.family.gen_kind == "vq":
             model.vq.eval()  # frozen; keep it in inference mode
         return model, sd, adapter_sd
+
+    def _build_partitioned(self, weights_dir: Path | None, ds_cfg: dict):
+        from janus_train.models.janusflow.config import TRAINING_ONLY
+        from janus_train.parallel.zero3_init import build_partitioned, load_partitioned, zero3_gathered
+
+        model = build_partitioned(lambda: self.family.build(self.model_config), ds_cfg, self.dtype, self.mpu)
+        sd = None
+        if weights_dir is not None:
+            if is_lora_checkpoint(weights_dir):
+                _, sd = read_lora_checkpoint(weights_dir, dtype=torch.float32)
+            else:
+                _, sd = read_checkpoint(weights_dir, detect_format(weights_dir), mmap=True)
+            optional = TRAINING_ONLY if self.family.gen_kind == "flow" else ()
+            if load_partitioned(model, sd, optional=optional, release=release_pages):
+                # A release has no REPA projector: it starts fresh (seeded).
+                model.init_training_only(seed=self.cfg.seed, gathered=zero3_gathered)
+        else:
+            model.init_weights(seed=self.cfg.seed, gathered=zero3_gathered)
+        model.train()
+        if self.family.gen_kind == "vq":
+            model.vq.eval()
+        return model, sd, None
 
     def _data_config(self, stage: StageSettings):
         from janus_train.data.config import DataConfig
@@ -267,6 +326,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
             "tp": self.tp,
+            "startup_memory": self.startup_memory,
             "time": time.time(),
             "message": message,
         }
@@ -319,13 +379,9 @@ class Trainer:
             raise ConfigError("resume", f"resume=none but {self.ckpt.root} holds checkpoints; use resume=auto or a new run_dir")
         if found is not None:
             meta, path = found
-            if meta.dp_size != self.dp_size:
-                raise ConfigError(
-                    "parallel",
-                    f"the checkpoint {path} was written with {meta.dp_size} data-parallel ranks and this run has "
-                    f"{self.dp_size}: each rank's data-loader state belongs to its own slice of the data. Resume with "
-                    f"world size / parallel.tp = {meta.dp_size}, or start a new run_dir with model.init_from={path}",
-                )
+            # Another topology resumes through DeepSpeed's universal checkpoint (_run_stage):
+            # refuse here what it cannot do, before anything is built.
+            universal.check_resume(meta, path, self._topology(), self.cfg.data.sharding)
             if is_lora_checkpoint(path / "model") != (self.lora is not None):
                 kind = "a LoRA run's (adapters + base.json)" if is_lora_checkpoint(path / "model") else "a full fine-tuning run's"
                 raise ConfigError("finetune.mode", f"{self.cfg.finetune.mode}, but the checkpoint to resume ({path}) is {kind}: "
@@ -340,6 +396,9 @@ class Trainer:
                 configured = self.current_stage.steps if self.current_stage is not None else meta.stage_steps
                 log.info("resuming from %s (stage %d, step %d/%d in stage)", path, meta.stage, meta.stage_step, configured)
         return found
+
+    def _topology(self) -> universal.Topology:
+        return universal.Topology(self.dist.world_size, self.dp_size, self.tp, self.zero_stage)
 
     def _check_finished_stages(self, meta: CheckpointMeta, path: Path) -> None:
         """An earlier stage that a later one has trained from cannot change its length: refuse a
@@ -374,13 +433,30 @@ class Trainer:
         same_topology = False
         if ckpt_state is not None:
             meta = ckpt_state[0]
-            same_topology = (meta.world_size, meta.tp, meta.zero_stage, meta.dp_size) == (self.dist.world_size, self.tp, self.zero_stage, self.dp_size)
+            same_topology = universal.topology_of(meta) == self._topology()
         # Same initial RNG on every rank for a fresh stage (restored below on resume).
+        baseline = resident_gib(self.dist.device)
         seed = cfg.seed + stage.index
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        model, full_sd, adapter_sd = self._build_model(weights_dir)
+        if ckpt_state is None:
+            start = weights_dir
+        else:
+            meta = ckpt_state[0]
+            start = Path(meta.stage_start) if meta.stage_start else self._stage_start_weights(stage, ckpt_state[1].parent)
+            if weights_dir is not None and sharded_source(weights_dir) is not None:
+                # A periodic save holds DeepSpeed's shards only, and the engine's load below
+                # fills the trained weights (from them, or from their universal form on another
+                # topology): build from what the stage started from, whose frozen weights are
+                # the checkpoint's (DeepSpeed's ZeRO-3 load restores only what its optimizer
+                # holds). Consolidating the shards here would hold the whole model on every rank.
+                weights_dir = start
+        self.stage_start = str(Path(start).resolve()) if start is not None else None
+        gas = stage.global_batch // (self.dp_size * cfg.train.micro_batch_rows)
+        ds_cfg = dse.deepspeed_config(self.zero_stage, cfg.train.micro_batch_rows, gas, self.dp_size, cfg.train.grad_clip, self.dtype,
+                                      load_universal=ckpt_state is not None and not same_topology)
+        model, full_sd, adapter_sd = self._build_model(weights_dir, ds_cfg)
         if self.tp > 1:
             from janus_train.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -398,13 +474,14 @@ class Trainer:
             full_sd = exact_trainable(model, full_sd, adapter_sd)
         else:
             apply_freeze(model, stage.trainable)
+        weights_peak = peak_memory_gib(self.dist.device)
         opt, sched = build_optimizer(model, stage.lr, cfg.train.optimizer.betas, cfg.train.optimizer.eps, cfg.train.optimizer.weight_decay, stage.warmup_steps,
-                                    stage.steps, stage.decay, stage.min_lr_ratio)
-        gas = stage.global_batch // (self.dp_size * cfg.train.micro_batch_rows)
-        ds_cfg = dse.deepspeed_config(self.zero_stage, cfg.train.micro_batch_rows, gas, self.dp_size, cfg.train.grad_clip, self.dtype)
+                                    stage.steps, stage.decay, stage.min_lr_ratio, check_finite=self.zero_stage == 0)
         self.engine = dse.build_engine(model, opt, sched, ds_cfg, self.mpu)
         if full_sd is not None and self.dtype != torch.float32:
             set_master_weights(self.engine.module, full_sd)
+        del full_sd  # views of the checkpoint's memory map: unmapped here
+        self._note_startup_memory(baseline, weights_peak)
         loader_state = None
         self.stage_step = 0
         if ckpt_state is not None:
@@ -416,19 +493,27 @@ class Trainer:
                 rng = self.ckpt.rng_state(path, self.dist.rank)
                 if rng is not None:
                     restore_rng(rng)
-            elif self.dist.is_main:
-                log.warning(
-                    "topology changed since the checkpoint (world %d->%d, tp %d->%d, zero %d->%d): weights resume exactly, "
-                    "optimizer moments and lr-schedule position restart from this step's lr",
-                    meta.world_size, self.dist.world_size, meta.tp, self.tp, meta.zero_stage, self.zero_stage,
-                )
-            if not same_topology:
-                self._advance_schedule(self.stage_step)
-            elif meta.stage_steps != stage.steps:
-                # A stage made longer (or shorter): the optimizer's lr is the old schedule's; the
-                # schedule (a function of the stage's step) gives the new one.
+            else:
+                # Another world size / dp size / TP degree / ZeRO stage: DeepSpeed's universal
+                # checkpoint (converted once, by rank 0) restores the trained weights, fp32
+                # masters, Adam's moments and step, and the lr schedule's position. Frozen
+                # weights are those the model was built with. The RNG states stay seeded (they
+                # belong to the old ranks; training draws none).
+                if self.dist.is_main:
+                    log.info("topology changed since the checkpoint (world %d->%d, dp %d->%d, tp %d->%d, zero %d->%d): resuming "
+                             "weights, optimizer and lr schedule through DeepSpeed's universal checkpoint",
+                             meta.world_size, self.dist.world_size, meta.dp_size, self.dp_size, meta.tp, self.tp, meta.zero_stage,
+                             self.zero_stage)
+                universal.load(self.engine, universal.prepare(path, self.dist.rank), strict=self.lora is None)
+            if not same_topology or meta.stage_steps != stage.steps:
+                # The next update's lr from the schedule at its restored position (a stage made
+                # longer or shorter changes it; another topology's loader may not restore it).
                 self._sync_lr()
-            loader_state = self.ckpt.loader_state(path, self.dp_rank)
+            if meta.dp_size == self.dp_size:
+                loader_state = self.ckpt.loader_state(path, self.dp_rank)
+            else:
+                # data.sharding=global (checked in _resume_point): rank 0's position, dealt anew.
+                loader_state = universal.loader_state_for(self.ckpt.loader_state(path, 0), self.dp_rank, self.dp_size)
         self.loader = self._build_loader(stage, loader_state, ckpt_state[1] if ckpt_state is not None else None)
         self.ema = self._build_ema(ckpt_state[1] if ckpt_state is not None else weights_dir.parent if weights_dir is not None else None)
         self._call("on_stage_start", stage)
@@ -446,6 +531,22 @@ class Trainer:
         self.ema = None
         return state
 
+    def _stage_start_weights(self, stage: StageSettings, root: Path) -> Path | None:
+        """The whole weights `stage` started from: the newest earlier stage's end checkpoint under
+        `root` (the resumed checkpoint's checkpoints/), else model.init_from (None: the seeded
+        random init)."""
+        ended = [p for m, p in complete_checkpoints(root) if m.stage < stage.index and m.stage_step >= m.stage_steps]
+        return ended[-1] / "model" if ended else self._init_dir()
+
+    def _note_startup_memory(self, baseline: float, weights_peak: float) -> None:
+        """Record (and log on rank 0) the stage's start-up peaks, max over ranks."""
+        b, w, e = all_reduce_max([baseline, weights_peak, peak_memory_gib(self.dist.device)], self.dist.device)
+        self.startup_memory = {"baseline_gib": round(b, 3), "weights_gib": round(w, 3), "engine_gib": round(e, 3)}
+        if self.dist.is_main:
+            log.info("start-up memory per rank (max over ranks): %.2f GiB before the model, peak %.2f GiB with the weights loaded, "
+                     "%.2f GiB with the engine built", b, w, e)
+        self.write_status("running")
+
     def _build_ema(self, ckpt: Path | None):
         """The stage's weight average: continued from the checkpoint's (or the previous stage's)
         model_ema/ when it has one, else started from the weights the stage starts from."""
@@ -456,6 +557,17 @@ class Trainer:
 
         ema = WeightEMA(self.engine.module, decay, self.zero_stage, self.dp_group)
         src = ckpt / EMA_DIR if ckpt is not None else None
+        shard = read_ema_shard(ckpt, self.dist.rank) if ckpt is not None and sharded_source(src) is not None else None
+        if shard is not None and shard["dp"] == self.dp_size:
+            try:  # this rank's own slice: exact, nothing gathered
+                ema.load_state_dict(shard)
+                shard_loaded = True
+            except ValueError:
+                shard_loaded = False
+            if shard_loaded:
+                if self.dist.is_main:
+                    log.info("weight average (decay %g) continues from %s", decay, src)
+                return ema
         if src is not None and (src / "config.json").is_file():
             _, sd = read_checkpoint(src, "native")
             ema.load_whole(sd)
@@ -467,11 +579,6 @@ class Trainer:
         """Context in which the module holds the weights to sample and evaluate with: the
         average when train.ema_decay > 0 (collective: every rank enters it), else as trained."""
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-
-    def _advance_schedule(self, steps: int) -> None:
-        sched = self.engine.lr_scheduler
-        for _ in range(steps):
-            sched.step()
 
     def _sync_lr(self) -> None:
         """Set the lr of the next update from the schedule at its restored position."""
@@ -486,7 +593,13 @@ class Trainer:
         # across ranks (data.granularity=row) or ZeRO-3 therefore run every branch.
         touch_all = self.zero_stage == 3 or cfg.data.granularity == "row"
         it = iter(self.loader)
-        comm_dev = self.dist.device
+
+        def flags() -> list[float]:
+            # Summed over all ranks inside train_step and fetched with the step's other scalars
+            # (its one device-to-host copy): has any rank been asked to stop? skipped samples so far?
+            skipped_local = sum(sum(v.values()) for v in self.loader.stats().get("skipped", {}).values())
+            return [float(self.stop.signum is not None), float(skipped_local)]
+
         while self.stage_step < stage.steps:
             t0 = time.perf_counter()
             lr = float(self.engine.get_lr()[0])
@@ -495,9 +608,8 @@ class Trainer:
             if slow:
                 time.sleep(slow[0])
             res = train_step(self.engine, micro_batches, self.dp_size, self.dp_group, self.dist.device, self.dtype, touch_all,
-                             groups=self.loss_groups)
-            if self.dist.device.type == "cuda":
-                torch.cuda.synchronize()
+                             groups=self.loss_groups, flags=flags)
+            # No torch.cuda.synchronize(): train_step's closing fetch has waited for the device.
             dt = time.perf_counter() - t0
             self.stage_step += 1
             self.global_step += 1
@@ -508,10 +620,7 @@ class Trainer:
             else:
                 self.bad_in_row += 1
                 self.skipped_steps += 1
-            # One small all-reduce: has any rank been asked to stop? skipped samples so far?
-            skipped_local = sum(sum(v.values()) for v in self.loader.stats().get("skipped", {}).values())
-            flags = all_reduce_sum(torch.tensor([float(self.stop.signum is not None), float(skipped_local)], device=comm_dev))
-            stop_requested, skipped_samples = bool(flags[0] > 0), int(flags[1])
+            stop_requested, skipped_samples = res.flags[0] > 0, int(res.flags[1])
             record = self._record(stage, res, lr, dt, skipped_samples)
             if self.evaluation is not None and self.evaluation.due(self.global_step, self.stage_step, stage):
                 with self.inference_weights():
@@ -595,11 +704,22 @@ class Trainer:
             zero_stage=self.zero_stage,
             bad_steps_in_row=self.bad_in_row,
             skipped_steps=self.skipped_steps,
+            stage_start=self.stage_start,
         )
         loader_state = self.loader.state_dict() if self.loader is not None else None
-        ema_sd = self.ema.full_state_dict() if self.ema is not None else None  # collective; rank 0 holds it
+        # Only a stage end gathers whole weights (its hand-over and export need them); periodic
+        # and signal saves write what each rank holds (checkpoint/sharded.py).
+        whole = protect
+        ema_sd = self.ema.full_state_dict() if self.ema is not None and whole else None  # collective; rank 0 holds it
+        ema_shard = self.ema.state_dict() if self.ema is not None and not whole else None
+        t0 = time.perf_counter()
         path = self.ckpt.save(self.engine, meta, loader_state, self.model_config, self.tokenizer_dir, protect=protect, lora=self._lora_save(),
-                              ema_sd=ema_sd)
+                              ema_sd=ema_sd, whole=whole, ema_shard=ema_shard)
+        seconds = time.perf_counter() - t0
+        if self.dist.is_main:
+            written = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            log.info("checkpoint %s saved in %.2f s, %.3f GiB written (%s)", path.name, seconds, written / 2**30,
+                     "whole weights gathered" if whole else "sharded state only")
         self.last_checkpoint = path
         return path
 

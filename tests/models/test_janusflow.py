@@ -28,10 +28,10 @@ def _model(seed: int = 0) -> JanusFlowModel:
     return model
 
 
-def _row(cfg: JanusFlowConfig, und: bool = True, gen: bool = True, n_gen: int = 1, seq_len: int = 96) -> PackedBatch:
+def _row(cfg: JanusFlowConfig, und: bool = True, gen: bool = True, n_gen: int = 1, seq_len: int = 96, seed: int = 1) -> PackedBatch:
     """One packed row: [und doc: BOS, image (1 + patches), question, answer] [gen docs: prompt,
     time, latents]... padding; answers supervise CE, latents the flow and REPA losses."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     ids, pos, labels, task, und_m, time_m, lat_m, bounds = [], [], [], [], [], [], [], [0]
 
     def doc(kinds: list[str]) -> None:

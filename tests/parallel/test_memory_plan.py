@@ -195,3 +195,25 @@ def test_finetune_recipes_validate(name):
         assert (stage.lr, stage.warmup_steps, stage.decay, stage.global_batch, stage.ratio) == (4.0e-5, 0, "constant", 128, (5.0, 1.0, 4.0))
         assert stage.steps == (80000 if "1b" in name else 40000)
         assert set(stage.trainable) == {"llm", "lm_head", "vision", "und_aligner", "gen_embed", "gen_aligner", "gen_head"}
+
+
+def _startup(args: list[str]) -> float:
+    plan = memory_plan.plan_memory(memory_plan.settings_from_config(_run(args), 2)[0][1])
+    return plan.startup
+
+
+def _run(args: list[str]):
+    from janus_train.training.config import load_config, validate_config
+
+    return validate_config(load_config(args), check_paths=False, complete=False)
+
+
+def test_startup_line_partitioned_zero3_holds_no_whole_copy(capsys):
+    """The start-up peak line: ZeRO-3 (partitioned at creation) stays far below ZeRO-2 (whole
+    weights per GPU plus DeepSpeed's flat copy of the trainable ones) and below the run's peak."""
+    code = memory_plan.main([*PAPER_7B, "stage=2", "--json"])
+    plan = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert code in (0, 1) and 0 < plan["startup"] < plan["peak"]
+    zero3, zero2 = _startup([*PAPER_7B, "stage=2"]), _startup([*PAPER_7B, "stage=2", "parallel.zero_stage=2"])
+    assert zero3 < 0.25 * zero2, (zero3, zero2)
+    assert memory_plan.main([*PAPER_7B, "stage=2"]) in (0, 1) and "start-up peak" in capsys.readouterr().out

@@ -78,9 +78,11 @@ def test_kill_during_checkpoint_write_resumes_from_previous(reference, shapes_ro
 
 
 def test_resume_with_another_dp_size_fails_clearly(reference_runs, shapes_root, tmp_path, trainer_tools):
+    # With data.sharding=rank each rank's loader position belongs to its own slice of the data
+    # (with global sharding a dp change resumes: tests/training/test_topology_change.py).
     ckpt = reference_runs.two_ranks / "checkpoints" / "step_00000006"
     assert (ckpt / "meta.json").is_file()
-    ov = _overrides(trainer_tools, shapes_root, tmp_path / "run") + [f"resume={ckpt}"]
+    ov = _overrides(trainer_tools, shapes_root, tmp_path / "run") + [f"resume={ckpt}", "data.sharding=rank"]
     r = trainer_tools.run(ov, nproc=1, launcher="python", timeout=600)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "config error: parallel: the checkpoint" in r.stderr and "2 data-parallel ranks" in r.stderr

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from janus_train.contracts.batch import TASK_ID, TASKS, PackedBatch
+from janus_train.contracts.batch import TASK_ID, TASKS, PackedBatch, mask_positions
 from janus_train.models.attention import PackedDocs
 from janus_train.models.heads import MLPProjector, per_token_cross_entropy
+from janus_train.models.partitioned import Gathered, whole_params
 from janus_train.models.janus.config import ALWAYS_FROZEN, COMPONENTS, JanusConfig
 from janus_train.models.janus.vq import VQTokenizer
 from janus_train.models.llm import KVCache, LanguageModel, RMSNorm
@@ -78,22 +79,24 @@ class JanusModel(nn.Module):
         self.apply_recompute(c.recompute, c.recompute_every)
 
     # ---- setup ---------------------------------------------------------------------------
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        """Fresh random weights (normal(0, std) linears/embeddings, unit norms)."""
+    def init_weights(self, std: float = 0.02, seed: int | None = None, gathered: Gathered = whole_params) -> None:
+        """Fresh random weights (normal(0, std) linears/embeddings, unit norms). `gathered`
+        shows partitioned parameters whole, a few at a time (ZeRO-3: models/partitioned.py)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                with torch.no_grad():
-                    w = torch.randn(module.weight.shape, generator=gen) * std
-                    module.weight.copy_(w.to(module.weight.dtype))
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
-            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, RMSNorm)):
-                with torch.no_grad():
-                    module.weight.fill_(1.0)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
-        with torch.no_grad():
+            with gathered(list(module.parameters(recurse=False))):
+                if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                    with torch.no_grad():
+                        w = torch.randn(module.weight.shape, generator=gen) * std
+                        module.weight.copy_(w.to(module.weight.dtype))
+                        if getattr(module, "bias", None) is not None:
+                            module.bias.zero_()
+                elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, RMSNorm)):
+                    with torch.no_grad():
+                        module.weight.fill_(1.0)
+                        if getattr(module, "bias", None) is not None:
+                            module.bias.zero_()
+        with torch.no_grad(), gathered([self.vision.pos_embed, self.vq.codebook.weight]):
             w = torch.randn(self.vision.pos_embed.shape, generator=gen) * std
             self.vision.pos_embed.copy_(w.to(self.vision.pos_embed.dtype))
             if self.config.vq.codebook_l2_norm:
@@ -112,18 +115,21 @@ class JanusModel(nn.Module):
         return self.gen_aligner(self.gen_embed(codes))
 
     def embed_inputs(self, batch: PackedBatch, touch_all: bool = False) -> torch.Tensor:
+        # Which paths run, and how many positions each takes, come from the batch's host counts:
+        # nothing here waits for the device.
+        counts = batch.host_counts()
         ids = batch.input_ids
         gen_mask = batch.gen_input_mask
         text_ids = ids.masked_fill(gen_mask | batch.und_image_mask, 0)
         x = self.llm.embed_tokens(text_ids)
-        if bool(gen_mask.any()):
-            gen_vals = self.embed_gen_codes(ids[gen_mask])
+        if counts["gen_inputs"]:
+            gen_vals = self.embed_gen_codes(ids.reshape(-1)[mask_positions(gen_mask, counts["gen_inputs"])])
             x = x.masked_scatter(gen_mask[..., None], gen_vals.to(x.dtype))
         elif touch_all:
             x = x + 0.0 * self.embed_gen_codes(ids.new_zeros(1)).sum()
         if batch.und_pixel_values is not None and batch.und_pixel_values.shape[0] > 0:
             feats = self.embed_und_images(batch.und_pixel_values)
-            n_pos = int(batch.und_image_mask.sum())
+            n_pos = counts["und_image_positions"]
             if n_pos != feats.shape[0] * feats.shape[1]:
                 raise ValueError(
                     f"und_image_mask marks {n_pos} positions but {feats.shape[0]} images give "
@@ -151,6 +157,7 @@ class JanusModel(nn.Module):
         micro-step; ZeRO-3 gathers hang otherwise.
         """
         hidden = self.hidden_states(batch, touch_all=touch_all)
+        counts = batch.host_counts()
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         labels = batch.labels.reshape(-1)
         task = batch.loss_task.reshape(-1)
@@ -161,9 +168,11 @@ class JanusModel(nn.Module):
         # Heads run only on supervised positions: the 102400-way lm_head never sees image tokens.
         text_sel = (task == TASK_ID["und"]) | (task == TASK_ID["text"])
         gen_sel = task == TASK_ID["gen"]
-        for head, sel, names in ((self.lm_head, text_sel, ("und", "text")), (self.gen_head, gen_sel, ("gen",))):
-            idx = sel.nonzero(as_tuple=True)[0]
-            if idx.numel():
+        heads = ((self.lm_head, text_sel, ("und", "text")), (self.gen_head, gen_sel, ("gen",)))
+        for head, sel, names in heads:
+            n_sel = sum(counts[name] for name in names)
+            if n_sel:
+                idx = mask_positions(sel, n_sel)
                 ce = per_token_cross_entropy(head, flat_h[idx], labels[idx])
                 t = task[idx]
                 for name in names:

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from janus_train.contracts.batch import PackedBatch
+from janus_train.contracts.batch import PackedBatch, mask_positions
+from janus_train.models.partitioned import Gathered, whole_params
 from janus_train.models.attention import PackedDocs
 from janus_train.models.heads import MLPProjector, per_token_cross_entropy
 from janus_train.models.janusflow.config import COMPONENTS, TRAINING_ONLY, JanusFlowConfig
@@ -83,30 +84,34 @@ class JanusFlowModel(nn.Module):
         """Activation recomputation of the LLM blocks (`LanguageModel.apply_recompute`)."""
         self.llm.apply_recompute(mode, every)
 
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+    def init_weights(self, std: float = 0.02, seed: int | None = None, gathered: Gathered = whole_params) -> None:
         """Fresh random weights: normal(0, std) linears/convs/embeddings, zero biases, unit norms;
-        GRN scales stay zero (identity), as ConvNeXt-V2 initialises them."""
+        GRN scales stay zero (identity), as ConvNeXt-V2 initialises them. `gathered` shows
+        partitioned parameters whole, a few at a time (ZeRO-3: models/partitioned.py)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                    module.weight.copy_((torch.randn(module.weight.shape, generator=gen) * std).to(module.weight.dtype))
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
-                elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                    module.weight.fill_(1.0)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
+                with gathered(list(module.parameters(recurse=False))):
+                    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                        module.weight.copy_((torch.randn(module.weight.shape, generator=gen) * std).to(module.weight.dtype))
+                        if getattr(module, "bias", None) is not None:
+                            module.bias.zero_()
+                    elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                        module.weight.fill_(1.0)
+                        if getattr(module, "bias", None) is not None:
+                            module.bias.zero_()
             for p in (self.vision.pos_embed, self.und_begin):
-                p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+                with gathered([p]):
+                    p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
             for name, p in self.named_parameters():
                 if ".channelwise_norm." in name:
-                    p.zero_()
-        self.repa_proj.init_(gen)
+                    with gathered([p]):
+                        p.zero_()
+        self.repa_proj.init_(gen, gathered)
 
-    def init_training_only(self, seed: int = 0) -> None:
+    def init_training_only(self, seed: int = 0, gathered: Gathered = whole_params) -> None:
         """Fresh weights for the parts a release checkpoint lacks (the REPA projector)."""
-        self.repa_proj.init_(torch.Generator().manual_seed(seed))
+        self.repa_proj.init_(torch.Generator().manual_seed(seed), gathered)
 
     # ---- pathways ------------------------------------------------------------------------
     def embed_und_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -137,6 +142,9 @@ class JanusFlowModel(nn.Module):
         rank touches the same parameters in every micro-step (ZeRO-3 gathers hang otherwise).
         """
         c = self.config
+        # Which paths run, and how many positions each takes, come from the batch's host counts:
+        # nothing here waits for the device.
+        counts = batch.host_counts()
         ids = batch.input_ids
         latent_mask = batch.gen_input_mask
         time_mask = batch.gen_time_mask if batch.gen_time_mask is not None else torch.zeros_like(latent_mask)
@@ -144,7 +152,7 @@ class JanusFlowModel(nn.Module):
         x = self.llm.embed_tokens(ids.masked_fill(special, 0))
         if batch.und_pixel_values is not None and batch.und_pixel_values.shape[0] > 0:
             und = self.embed_und_images(batch.und_pixel_values)
-            _scatter_check(batch.und_image_mask, und, "und_image_mask", "und images")
+            _scatter_check(counts["und_image_positions"], und, "und_image_mask", "und images")
             x = x.masked_scatter(batch.und_image_mask[..., None], und.reshape(-1, und.shape[-1]).to(x.dtype))
         elif touch_all:
             side = c.vision.image_size
@@ -155,8 +163,8 @@ class JanusFlowModel(nn.Module):
             t = batch.gen_t.to(x.dtype)
             z_t = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * z0
             tokens, t_emb, skip = self.encode_latents(z_t, t)
-            _scatter_check(latent_mask, tokens, "gen_input_mask", "gen documents")
-            _scatter_check(time_mask, t_emb[:, None], "gen_time_mask", "gen documents")
+            _scatter_check(counts["gen_inputs"], tokens, "gen_input_mask", "gen documents")
+            _scatter_check(counts["gen_time_positions"], t_emb[:, None], "gen_time_mask", "gen documents")
             x = x.masked_scatter(latent_mask[..., None], tokens.reshape(-1, tokens.shape[-1]).to(x.dtype))
             x = x.masked_scatter(time_mask[..., None], t_emb.to(x.dtype))
         elif touch_all:
@@ -175,9 +183,10 @@ class JanusFlowModel(nn.Module):
         count: dict[str, torch.Tensor] = {}
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         labels, task = batch.labels.reshape(-1), batch.loss_task.reshape(-1)
-        idx = (task >= 0).nonzero(as_tuple=True)[0]
+        n_sup = counts["und"] + counts["text"] + counts["gen"]
         zero = flat_h.new_zeros((), dtype=torch.float32)
-        if idx.numel():
+        if n_sup:
+            idx = mask_positions(task >= 0, n_sup)
             ce = per_token_cross_entropy(self.lm_head, flat_h[idx], labels[idx]).float()
             for name, tid in (("und", 0), ("text", 1)):
                 m = task[idx] == tid
@@ -189,20 +198,22 @@ class JanusFlowModel(nn.Module):
                 loss_sum[name] = extra + zero
         if n_gen:
             g = c.num_gen_tokens
-            gen_h = hidden[latent_mask].view(n_gen, g, -1)
+            latent_idx = mask_positions(latent_mask, counts["gen_inputs"])
+            gen_h = flat_h[latent_idx].view(n_gen, g, -1)
             v = self.decode_velocity(gen_h, skip, t_emb)
             target = (x1 - z0).float()
             loss_sum["flow"] = (v.float() - target).pow(2).sum()
-            count["flow"] = torch.tensor(target.numel(), device=x.device)
+            # A fill, not torch.tensor(n, device=...): a blocking host-to-device copy waits for the device.
+            count["flow"] = torch.full((), target.numel(), dtype=torch.long, device=x.device)
             if batch.gen_repa_pixels is not None:
-                pred = self.repa_proj(mid[latent_mask].view(n_gen, g, -1))
+                pred = self.repa_proj(mid.reshape(-1, mid.shape[-1])[latent_idx].view(n_gen, g, -1))
                 with torch.no_grad():
                     ref = self.vision(batch.gen_repa_pixels)
                 if ref.shape[1] != g:
                     raise ValueError(f"REPA needs SigLIP's grid ({ref.shape[1]} patches) to match the gen grid ({g} tokens)")
                 cos = F.cosine_similarity(pred.float(), ref.float(), dim=-1)
                 loss_sum["repa"] = (1 - cos).sum()
-                count["repa"] = torch.tensor(cos.numel(), device=x.device)
+                count["repa"] = torch.full((), cos.numel(), dtype=torch.long, device=x.device)
             elif touch_all:
                 loss_sum["repa"] = self._touch_repa(mid)
         elif touch_all:
@@ -246,16 +257,17 @@ class RepaProjector(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([nn.Linear(dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, out)])
 
-    def init_(self, gen: torch.Generator | None = None) -> None:
+    def init_(self, gen: torch.Generator | None = None, gathered: Gathered = whole_params) -> None:
         """normal(0, 1/sqrt(fan_in)) weights, zero biases: outputs of order one. The REPA loss is a
         cosine, whose gradient scales as 1/|output|: at the LLM's 0.02 init the projector's
         outputs are tiny and its gradient dominated the first steps' global norm (~3000 of ~4500
         measured at janusflow_tiny), so clipping starved every other part."""
         with torch.no_grad():
             for layer in self.layers:
-                w = torch.randn(layer.weight.shape, generator=gen) / layer.weight.shape[1] ** 0.5
-                layer.weight.copy_(w.to(layer.weight.dtype))
-                layer.bias.zero_()
+                with gathered([layer.weight, layer.bias]):
+                    w = torch.randn(layer.weight.shape, generator=gen) / layer.weight.shape[1] ** 0.5
+                    layer.weight.copy_(w.to(layer.weight.dtype))
+                    layer.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -263,7 +275,8 @@ class RepaProjector(nn.Module):
         return x
 
 
-def _scatter_check(mask: torch.Tensor, values: torch.Tensor, mask_name: str, what: str) -> None:
-    n_pos, n_val = int(mask.sum()), values.shape[0] * values.shape[1]
+def _scatter_check(n_pos: int, values: torch.Tensor, mask_name: str, what: str) -> None:
+    """`n_pos`: the mask's True entries, from the batch's host counts."""
+    n_val = values.shape[0] * values.shape[1]
     if n_pos != n_val:
         raise ValueError(f"{mask_name} marks {n_pos} positions but {values.shape[0]} {what} give {n_val}")
