@@ -67,7 +67,7 @@ def build_engine_step(model: JanusModel, batch: PackedBatch, zero_stage: int, dt
 
     init_distributed()
     apply_freeze(model, list(TRAINABLE))
-    opt, sched = build_optimizer(model, 1e-4, (0.9, 0.95), 1e-8, 0.0, 0)
+    opt, sched = build_optimizer(model, 1e-4, (0.9, 0.95), 1e-8, 0.0, 0, check_finite=zero_stage == 0)  # as the trainer builds it
     ds_cfg = dse.deepspeed_config(zero_stage, batch.num_rows, 1, 1, 1.0, dtype)
     engine = dse.build_engine(model, opt, sched, ds_cfg)
     return lambda: train_step(engine, [batch], 1, None, device, dtype, touch_all=False)

@@ -24,15 +24,24 @@ class AdamWSkipNonFinite(torch.optim.AdamW):
     def __init__(self, params, check_finite: bool = True, **kwargs):
         super().__init__(params, **kwargs)
         self.check_finite = check_finite
+        # Set by training/step.py from the step's one fetch (nonfinite_grads() travels in it),
+        # so the decision below costs no read of its own; None: read it here.
+        self.known_nonfinite: bool | None = None
+
+    @torch.no_grad()
+    def nonfinite_grads(self) -> torch.Tensor:
+        """1.0 if any gradient holds a NaN/inf, else 0.0 (float64, shape [1], on the device)."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros(1, dtype=torch.float64)
+        return (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).to(torch.float64).reshape(1)
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.check_finite:
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
-            if finite is not None and not bool(finite):
-                self.overflow = True
-                return None
+        known, self.known_nonfinite = self.known_nonfinite, None
+        if self.check_finite and (known if known is not None else bool(self.nonfinite_grads())):
+            self.overflow = True
+            return None
         self.overflow = False
         return super().step(closure)
 

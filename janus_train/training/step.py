@@ -71,6 +71,17 @@ def _scaled(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (x * factor.to(device=x.device, dtype=compute)).to(x.dtype)
 
 
+def _closing_parts(glob: torch.Tensor, sums: torch.Tensor, flags, comm_dev: torch.device, dp_group) -> tuple[list[torch.Tensor], int]:
+    """The step's scalars for its one fetch: global counts, loss sums (summed over the ranks),
+    and the summed `flags()`; and how many flags there are."""
+    parts = [glob, all_reduce_sum(sums.to(comm_dev), group=dp_group)]
+    if flags is None:
+        return parts, 0
+    values = [float(v) for v in flags()]
+    parts.append(all_reduce_sum(torch.tensor(values, dtype=torch.float64).to(comm_dev, non_blocking=True)))
+    return parts, len(values)
+
+
 def train_step(
     engine,
     micro_batches: list[PackedBatch],
@@ -92,7 +103,8 @@ def train_step(
     (`PackedBatch.host_counts()`), the normalisers stay tensors on the communication device
     (a CPU tensor under gloo, the GPU under NCCL), the loss sums accumulate on the device, and
     the step's scalars (global counts, loss sums, flags, grad norm) come back in one copy at the
-    end."""
+    end (under ZeRO-0 just before the update, with the gradients' finiteness, which our
+    optimizer guard must decide on as a Python bool)."""
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise RuntimeError(
             f"the loader gave {len(micro_batches)} micro-batches but DeepSpeed expects "
@@ -120,8 +132,15 @@ def train_step(
         n_global = sum(glob[index[n]] for n in g.names).clamp(min=1.0)
         factors.append(torch.full_like(n_global, float(dp_size)) / n_global)
 
+    # ZeRO-0's optimizer guard (training/optim.py) must hand DeepSpeed its skip decision as a
+    # Python bool at the update: the step's one fetch then happens just before the update,
+    # carrying the gradients' finiteness too. Under ZeRO DeepSpeed decides itself, and the
+    # fetch follows the update (with its grad norm).
+    optimizer = getattr(engine, "optimizer", None)
+    guard = optimizer if getattr(optimizer, "check_finite", False) else None
     sums = None
-    for mb in micro_batches:
+    host = None
+    for j, mb in enumerate(micro_batches):
         batch = mb.to(device, float_dtype)
         out = engine(batch, touch_all=touch_all)
         total = None
@@ -133,21 +152,22 @@ def train_step(
             term = _scaled(group_sum, factor)
             total = term if total is None else total + term
         engine.backward(total, scale_wrt_gas=False)
-        engine.step()
         mb_sums = torch.stack([out.loss_sum[n].detach().double() for n in names])
         sums = mb_sums if sums is None else sums + mb_sums
-    sums = all_reduce_sum(sums.to(comm_dev), group=dp_group)
-    parts = [glob, sums]
-    n_flags = 0
-    if flags is not None:
-        values = [float(v) for v in flags()]
-        n_flags = len(values)
-        parts.append(all_reduce_sum(torch.tensor(values, dtype=torch.float64).to(comm_dev, non_blocking=True)))
+        if guard is not None and j == len(micro_batches) - 1:
+            parts, n_flags = _closing_parts(glob, sums, flags, comm_dev, dp_group)
+            host = torch.cat([*parts, guard.nonfinite_grads().to(comm_dev)]).cpu().tolist()  # the one copy
+            guard.known_nonfinite = host.pop() > 0
+        engine.step()
     norm = engine.get_global_grad_norm()
-    if isinstance(norm, torch.Tensor):
-        parts.append(norm.detach().reshape(1).to(device=comm_dev, dtype=torch.float64))
-    # The step's one device-to-host copy.
-    host = torch.cat(parts).cpu().tolist()
+    if host is None:
+        parts, n_flags = _closing_parts(glob, sums, flags, comm_dev, dp_group)
+        if isinstance(norm, torch.Tensor):
+            parts.append(norm.detach().reshape(1).to(device=comm_dev, dtype=torch.float64))
+        # The step's one device-to-host copy.
+        host = torch.cat(parts).cpu().tolist()
+    elif isinstance(norm, torch.Tensor):  # not kept by ZeRO-0 in fp32; a second copy if it ever is
+        host.append(float(norm))
     glob_h, sums_h = host[: len(glob)], host[len(glob) : len(glob) + len(names)]
     flags_h = host[len(glob) + len(names) : len(glob) + len(names) + n_flags]
     if isinstance(norm, torch.Tensor):
