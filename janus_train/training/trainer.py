@@ -660,10 +660,7 @@ class Trainer:
         flops = step_flops(self.model_config, self.sizes, self.trainable_components(stage), res.counts)
         flops_per_s = flops / dt if dt > 0 else None
         mfu = flops_per_s / (self.dist.world_size * self.peak) if (self.peak and flops_per_s) else None
-        if self.dist.device.type == "cuda":
-            mem = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-        else:
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
+        mem = peak_memory_gib(self.dist.device)
         return StepRecord(
             step=self.global_step,
             stage=stage.index,
